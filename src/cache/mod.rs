@@ -1,0 +1,147 @@
+//! The block cache: fixed-size blocks of objects in one byte-bounded in-memory cache.
+//!
+//! Keys are object *identity* (store, full key, version tag) plus block index, so a changed
+//! object (new ETag) never serves stale blocks, and several mounts of one bucket (the CSI
+//! node plugin) can share blocks. Values are `Bytes`, so a hit hands out a reference, not a
+//! copy.
+//!
+//! moka with the LRU policy: the default TinyLFU refuses to admit new blocks while a stream
+//! passes through once, which is exactly the populate workload. `try_get_with` makes
+//! concurrent misses on one block wait for a single fetch.
+//!
+//! This module owns the cache and the fetch-on-miss of one block. It must not decide what to
+//! fetch ahead ([`crate::prefetch`]) or talk to the store other than via
+//! [`Store::read_range`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use moka::future::Cache;
+use moka::policy::EvictionPolicy;
+
+use crate::error::Error;
+use crate::store::Store;
+
+/// What makes an object's bytes unique: store, full key and version (ETag, or size+mtime
+/// where the store has no ETag).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    /// Endpoint and bucket (or local directory).
+    pub store: Arc<str>,
+    /// Key relative to the store's root prefix.
+    pub key: Arc<str>,
+    pub version: Arc<str>,
+}
+
+/// An object about to be read: its identity and length.
+#[derive(Debug, Clone)]
+pub struct ObjectRef {
+    pub id: Arc<ObjectId>,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub object: Arc<ObjectId>,
+    pub index: u64,
+}
+
+/// Hit/miss counters (`fillfs_cache_*`).
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+/// Shared, cheap to clone.
+#[derive(Clone)]
+pub struct BlockCache {
+    blocks: Cache<BlockKey, Bytes>,
+    block_size: u64,
+    stats: Arc<CacheStats>,
+}
+
+impl BlockCache {
+    /// A cache holding at most `capacity` bytes of blocks of `block_size` bytes.
+    pub fn new(capacity: u64, block_size: u64) -> Self {
+        assert!(block_size > 0 && block_size <= u32::MAX as u64);
+        let blocks = Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_k: &BlockKey, v: &Bytes| v.len().max(1) as u32)
+            .eviction_policy(EvictionPolicy::lru())
+            .build();
+        BlockCache {
+            blocks,
+            block_size,
+            stats: Arc::new(CacheStats::default()),
+        }
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Bytes currently held.
+    pub fn weighted_size(&self) -> u64 {
+        self.blocks.weighted_size()
+    }
+
+    /// Number of blocks an object of `size` bytes spans.
+    pub fn block_count(&self, size: u64) -> u64 {
+        size.div_ceil(self.block_size)
+    }
+
+    /// Byte range of block `index` of `obj`.
+    pub fn block_range(&self, obj: &ObjectRef, index: u64) -> std::ops::Range<u64> {
+        let start = index * self.block_size;
+        start..(start + self.block_size).min(obj.size)
+    }
+
+    pub fn contains(&self, obj: &ObjectRef, index: u64) -> bool {
+        self.blocks.contains_key(&BlockKey {
+            object: obj.id.clone(),
+            index,
+        })
+    }
+
+    /// Returns block `index` of `obj`, fetching it from `store` on a miss. Concurrent callers
+    /// for the same block share one fetch.
+    pub async fn get_or_fetch(
+        &self,
+        store: &Store,
+        obj: &ObjectRef,
+        index: u64,
+    ) -> Result<Bytes, Arc<Error>> {
+        let key = BlockKey {
+            object: obj.id.clone(),
+            index,
+        };
+        let range = self.block_range(obj, index);
+        let fetched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = fetched.clone();
+        let data = self
+            .blocks
+            .try_get_with(key, async move {
+                flag.store(true, Ordering::Relaxed);
+                store.read_range(&obj.id.key, range).await
+            })
+            .await?;
+        let counter = if fetched.load(Ordering::Relaxed) {
+            &self.stats.misses
+        } else {
+            &self.stats.hits
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Drops every cached block (tests, and a future "drop caches" control).
+    pub fn clear(&self) {
+        self.blocks.invalidate_all();
+    }
+}

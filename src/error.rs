@@ -1,0 +1,75 @@
+//! The library's error type. Every failure a user can meet has a variant whose message says
+//! what went wrong and what to do; store errors keep OpenDAL's error as the source.
+//! Messages never contain credentials.
+
+use std::io;
+use std::sync::Arc;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid source {source_url:?}: {reason}")]
+    InvalidSource { source_url: String, reason: String },
+
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+
+    #[error("bucket {bucket:?} does not exist at {endpoint}")]
+    BucketNotFound { bucket: String, endpoint: String },
+
+    #[error("directory {0:?} does not exist or is not a directory")]
+    DirectoryNotFound(String),
+
+    #[error("access denied to {what}: check the credentials ({hint})")]
+    AccessDenied { what: String, hint: String },
+
+    #[error("cannot reach {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+
+    #[error("object {key:?}: expected {expected} bytes at offset {offset}, store returned {got}")]
+    ShortRead {
+        key: String,
+        offset: u64,
+        expected: u64,
+        got: u64,
+    },
+
+    #[error("object store: {0}")]
+    Store(#[from] opendal::Error),
+
+    #[error(transparent)]
+    Io(#[from] io::Error),
+
+    /// An error shared by several waiters of one fetch (block cache, listing cache).
+    #[error(transparent)]
+    Shared(#[from] Arc<Error>),
+}
+
+impl Error {
+    /// An error carrying an errno, for answers the file system gives by itself.
+    pub fn errno(code: i32) -> Self {
+        Error::Io(io::Error::from_raw_os_error(code))
+    }
+
+    /// The errno a FUSE reply should carry for this error.
+    pub fn to_errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Shared(e) => e.to_errno(),
+            e if e.is_not_found() => libc::ENOENT,
+            _ => libc::EIO,
+        }
+    }
+
+    /// True when the error means "no such object or directory" (mapped to ENOENT).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::Store(e) => e.kind() == opendal::ErrorKind::NotFound,
+            Error::Io(e) => e.kind() == io::ErrorKind::NotFound,
+            Error::Shared(e) => e.is_not_found(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The file system's logic, independent of FUSE: directories from LIST, inodes, open
+//! handles, reads. [`crate::fuse`] translates kernel requests into calls here; this module
+//! never sees fuser types, so it can be tested without mounting.
+//!
+//! Metadata. A directory's children come from one paginated LIST with delimiter, cached for
+//! `metadata_ttl` (moka, so concurrent lookups in a cold directory share one LIST). A lookup
+//! is answered from the parent's listing: a name that is not in it does not exist, with no
+//! HEAD request (mountpoint-s3 pays a LIST plus a HEAD per lookup). Objects named like
+//! directories (`dir/` markers) and prefixes without markers are both directories; a key
+//! that is both a file and a prefix shows as the directory.
+//!
+//! Data. `open` creates a handle with its own [`Prefetcher`]; `read` plans under the
+//! handle's lock and awaits outside it.
+
+pub mod inode;
+pub mod names;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use moka::future::Cache;
+
+pub use inode::{Ino, Kind, Node, ROOT_INO};
+
+use crate::cache::{BlockCache, ObjectId, ObjectRef};
+use crate::error::{Error, Result};
+use crate::prefetch::{PrefetchBudget, Prefetcher};
+use crate::store::{Listed, Store};
+use inode::InodeTable;
+
+/// Tunables of the file system.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long listings (and the attributes they carry) are trusted.
+    pub metadata_ttl: Duration,
+    /// Largest read-ahead window of one handle, in bytes.
+    pub max_prefetch_window: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+}
+
+/// One child in a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub name: String,
+    pub kind: Kind,
+}
+
+type Listing = Arc<Vec<DirEntry>>;
+
+struct OpenFile {
+    prefetcher: Mutex<Prefetcher>,
+}
+
+/// The file system over one store.
+pub struct Fs {
+    store: Store,
+    cache: BlockCache,
+    budget: PrefetchBudget,
+    config: FsConfig,
+    store_id: Arc<str>,
+    inodes: Mutex<InodeTable>,
+    listings: Cache<Ino, Listing>,
+    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+}
+
+impl Fs {
+    pub fn new(store: Store, cache: BlockCache, budget: PrefetchBudget, config: FsConfig) -> Self {
+        let listings = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.metadata_ttl.max(Duration::from_millis(1)))
+            .build();
+        let store_id: Arc<str> = format!("{}|{}", store.endpoint(), store.source()).into();
+        Fs {
+            store,
+            cache,
+            budget,
+            config,
+            store_id,
+            inodes: Mutex::new(InodeTable::new()),
+            listings,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    pub fn budget(&self) -> &PrefetchBudget {
+        &self.budget
+    }
+
+    fn node(&self, ino: Ino) -> Result<Arc<Node>> {
+        self.inodes
+            .lock()
+            .expect("inode lock")
+            .get(ino)
+            .ok_or_else(|| Error::errno(libc::ENOENT))
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Arc<Node>> {
+        self.node(ino)
+    }
+
+    /// The children of directory `ino`, from the listing cache or one LIST.
+    pub async fn readdir(&self, ino: Ino) -> Result<Listing> {
+        let dir = self.node(ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
+        self.listings
+            .try_get_with(ino, self.load_listing(dir))
+            .await
+            .map_err(Error::Shared)
+    }
+
+    async fn load_listing(&self, dir: Arc<Node>) -> Result<Listing> {
+        let listed = self.store.list_dir(&dir.key).await?;
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut files = std::collections::BTreeMap::new();
+        for item in listed {
+            let name = match &item {
+                Listed::Dir { name } | Listed::File { name, .. } => name,
+            };
+            if let Some(why) = names::invalid_reason(name) {
+                tracing::warn!(dir = %dir.key, name = %name.escape_debug(), "hiding key: {why}");
+                continue;
+            }
+            match item {
+                Listed::Dir { name } => {
+                    dirs.insert(name);
+                }
+                Listed::File { name, meta } => {
+                    files.insert(name, meta);
+                }
+            }
+        }
+        let mut inodes = self.inodes.lock().expect("inode lock");
+        let mut entries = Vec::with_capacity(dirs.len() + files.len());
+        for name in &dirs {
+            let n = inodes.upsert(&dir, name, Kind::Dir, None);
+            entries.push(DirEntry {
+                ino: n.ino,
+                name: name.clone(),
+                kind: Kind::Dir,
+            });
+        }
+        for (name, meta) in &files {
+            if dirs.contains(name) {
+                tracing::warn!(dir = %dir.key, name = %name, "key is both an object and a prefix; showing the directory");
+                continue;
+            }
+            let n = inodes.upsert(&dir, name, Kind::File, Some(meta));
+            entries.push(DirEntry {
+                ino: n.ino,
+                name: name.clone(),
+                kind: Kind::File,
+            });
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Arc::new(entries))
+    }
+
+    /// Finds `name` in directory `parent` from its listing; no HEAD request.
+    pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Arc<Node>> {
+        let listing = self.readdir(parent).await?;
+        let found = listing
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()
+            .map(|i| listing[i].ino);
+        match found {
+            Some(ino) => self.node(ino),
+            None => Err(Error::errno(libc::ENOENT)),
+        }
+    }
+
+    /// Opens a file for reading; returns the handle id.
+    pub fn open(&self, ino: Ino) -> Result<u64> {
+        let node = self.node(ino)?;
+        if node.kind != Kind::File {
+            return Err(Error::errno(libc::EISDIR));
+        }
+        let version = match &node.etag {
+            Some(etag) => etag.clone(),
+            None => format!(
+                "{}@{}",
+                node.size,
+                node.mtime
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ),
+        };
+        let obj = ObjectRef {
+            id: Arc::new(ObjectId {
+                store: self.store_id.clone(),
+                key: node.key.as_str().into(),
+                version: version.into(),
+            }),
+            size: node.size,
+        };
+        let max_window = (self.config.max_prefetch_window / self.cache.block_size()).max(1);
+        let prefetcher = Prefetcher::new(
+            self.store.clone(),
+            self.cache.clone(),
+            self.budget.clone(),
+            obj,
+            max_window,
+        );
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handle lock").insert(
+            fh,
+            Arc::new(OpenFile {
+                prefetcher: Mutex::new(prefetcher),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// Reads up to `len` bytes at `offset` through the handle's prefetcher.
+    pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<Bytes> {
+        let handle = self
+            .handles
+            .lock()
+            .expect("handle lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| Error::errno(libc::EBADF))?;
+        let pending = handle
+            .prefetcher
+            .lock()
+            .expect("prefetcher lock")
+            .plan_read(offset, len as u64);
+        pending.await.map_err(Error::Shared)
+    }
+
+    /// Closes a handle; its read-ahead is cancelled.
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().expect("handle lock").remove(&fh);
+    }
+}

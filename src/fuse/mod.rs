@@ -1,0 +1,324 @@
+//! The thin FUSE adapter: translates kernel requests into calls on [`crate::fs::Fs`] and
+//! answers them from tokio tasks, so one slow fetch never holds up other requests (the
+//! fuser request threads only dispatch). It holds no file system logic of its own.
+//!
+//! [`mount`] mounts, tunes the kernel connection (read-ahead, background requests) and runs
+//! the session until the file system is unmounted — by SIGINT/SIGTERM, or by `umount`.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use tokio::runtime::Handle;
+
+use crate::error::{Error, Result};
+use crate::fs::{Fs, Kind, Node};
+
+/// Kernel-side tuning asked for at INIT; the kernel may grant less.
+const MAX_READAHEAD: u32 = 1024 * 1024;
+const MAX_BACKGROUND: u16 = 256;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub fs_name: String,
+    pub allow_other: bool,
+    /// fuser request threads (each with its own /dev/fuse fd).
+    pub threads: usize,
+}
+
+struct Adapter {
+    fs: Arc<Fs>,
+    rt: Handle,
+    ttl: Duration,
+}
+
+fn errno(e: &Error) -> Errno {
+    Errno::from_i32(e.to_errno())
+}
+
+fn attr(fs: &Fs, n: &Node) -> FileAttr {
+    let cfg = fs.config();
+    let (kind, perm, nlink) = match n.kind {
+        Kind::File => (FileType::RegularFile, cfg.file_mode, 1),
+        Kind::Dir => (FileType::Directory, cfg.dir_mode, 2),
+    };
+    FileAttr {
+        ino: INodeNo(n.ino),
+        size: n.size,
+        blocks: n.size.div_ceil(512),
+        atime: n.mtime,
+        mtime: n.mtime,
+        ctime: n.mtime,
+        crtime: n.mtime,
+        kind,
+        perm,
+        nlink,
+        uid: cfg.uid,
+        gid: cfg.gid,
+        rdev: 0,
+        blksize: 1024 * 1024,
+        flags: 0,
+    }
+}
+
+/// Logs an error answered to the kernel: expected misses quietly, store failures loudly.
+fn log_failure(op: &str, what: &dyn std::fmt::Display, e: &Error) {
+    if e.to_errno() == libc::ENOENT {
+        tracing::debug!(op, %what, "not found");
+    } else {
+        tracing::error!(op, %what, error = %e, "request failed");
+    }
+}
+
+impl fuser::Filesystem for Adapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let ra = config
+            .set_max_readahead(MAX_READAHEAD)
+            .or_else(|max| config.set_max_readahead(max));
+        let bg = config
+            .set_max_background(MAX_BACKGROUND)
+            .or_else(|max| config.set_max_background(max));
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        let _ =
+            config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ASYNC_READ);
+        tracing::debug!(?ra, ?bg, "kernel connection tuned");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let Some(name) = name.to_str().map(str::to_string) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        self.rt.spawn(async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(n) => reply.entry(&ttl, &attr(&fs, &n), Generation(0)),
+                Err(e) => {
+                    log_failure("lookup", &name, &e);
+                    reply.error(errno(&e));
+                }
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(n) => reply.attr(&self.ttl, &attr(&self.fs, &n)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            reply.error(Errno::from_i32(libc::EROFS));
+            return;
+        }
+        match self.fs.open(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    log_failure("read", &format_args!("inode {} offset {offset}", ino.0), &e);
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok(); // read-only: nothing to flush
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::from_i32(libc::ENODATA)); // objects carry no extended attributes
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            let listing = match fs.readdir(ino.0).await {
+                Ok(l) => l,
+                Err(e) => {
+                    log_failure("readdir", &format_args!("inode {}", ino.0), &e);
+                    reply.error(errno(&e));
+                    return;
+                }
+            };
+            let parent = fs.getattr(ino.0).map(|n| n.parent).unwrap_or(ino.0);
+            let dots = [
+                (ino.0, ".", FileType::Directory),
+                (parent, "..", FileType::Directory),
+            ];
+            let entries = dots.into_iter().chain(listing.iter().map(|e| {
+                let kind = if e.kind == Kind::Dir {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                (e.ino, e.name.as_str(), kind)
+            }));
+            for (i, (ino, name, kind)) in entries.enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // Object stores have no capacity; report a large, read-only, empty-free file system.
+        reply.statfs(0, 0, 0, 0, 0, 1024 * 1024, 255, 1024 * 1024);
+    }
+}
+
+/// Mounts `fs` at `mountpoint`, calls `on_mounted` once the kernel has accepted the mount,
+/// and serves until the file system is unmounted (SIGINT/SIGTERM or `umount`).
+pub fn mount(
+    fs: Arc<Fs>,
+    rt: &tokio::runtime::Runtime,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    on_mounted: impl FnOnce(),
+) -> Result<()> {
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidOption(format!(
+                "mountpoint {} is not a directory",
+                mountpoint.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::InvalidOption(format!(
+                "mountpoint {}: {e}",
+                mountpoint.display()
+            )));
+        }
+    }
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        MountOption::FSName(cfg.fs_name.clone()),
+        MountOption::Subtype("fillfs".into()),
+        MountOption::RO,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if cfg.allow_other {
+        options.acl = SessionACL::All;
+    }
+    options.n_threads = Some(cfg.threads.max(1));
+    options.clone_fd = cfg.threads > 1;
+
+    let ttl = fs.config().metadata_ttl;
+    let adapter = Adapter {
+        fs,
+        rt: rt.handle().clone(),
+        ttl,
+    };
+    let mut session = fuser::Session::new(adapter, mountpoint, &options).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("mounting at {}: {e}", mountpoint.display()),
+        ))
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    on_mounted();
+
+    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.display().to_string();
+    rt.spawn(async move {
+        wait_for_shutdown_signal().await;
+        tracing::info!(mountpoint = %mp, "signal received, unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(mountpoint = %mp, error = %e, "unmount failed (is the mount busy?)");
+        }
+    });
+    session.run().map_err(Error::Io)?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

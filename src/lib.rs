@@ -1,0 +1,18 @@
+//! fillfs: getting object-storage data onto Kubernetes volumes, fast and within a budget.
+//!
+//! The data path, in the order bytes flow (see ARCHITECTURE.md):
+//! [`store`] (OpenDAL operator + retries, the only reader of objects) → [`limit`] (byte-rate
+//! limiter paid per chunk inside the store) → [`cache`] (byte-bounded block cache) and
+//! [`prefetch`] (per-handle read-ahead) → [`fs`] (file system logic) → [`fuse`] (kernel
+//! adapter). [`mount`] wires them together for `fillfs mount`.
+
+pub mod cache;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod limit;
+pub mod mount;
+pub mod prefetch;
+pub mod store;
+
+pub use error::{Error, Result};

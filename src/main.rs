@@ -1,0 +1,185 @@
+//! The `fillfs` command line: parses arguments and hands them to the library. No logic
+//! lives here beyond process concerns (logging set-up, daemonizing, exit codes).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use fillfs::mount::MountOptions;
+use fillfs::store::{SourceUrl, StoreConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "fillfs",
+    version,
+    about = "Fill Kubernetes volumes from object storage (Alibaba OSS, S3) fast, within a bandwidth budget",
+    long_about = "fillfs serves object-storage prefixes as read-only file systems and copies them onto volumes.\n\n\
+                  Sources: s3://BUCKET/PREFIX (any S3-compatible endpoint), oss://BUCKET/PREFIX (Alibaba OSS),\n\
+                  file:///DIR (a local directory through the same object-store layer; needs no account).\n\n\
+                  Credentials come from the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3;\n\
+                  ALIBABA_CLOUD_ACCESS_KEY_ID / ALIBABA_CLOUD_ACCESS_KEY_SECRET, or RRSA (ALIBABA_CLOUD_ROLE_ARN,\n\
+                  ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE) for oss. They are never logged.\n\n\
+                  Logging: RUST_LOG (e.g. RUST_LOG=fillfs=debug), default info."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount a bucket prefix read-only at MOUNTPOINT.
+    Mount(MountArgs),
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// What to mount: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX or file:///DIR.
+    source: String,
+    /// Existing empty directory to mount on.
+    mountpoint: PathBuf,
+    /// Endpoint URL, e.g. http://127.0.0.1:9000 or oss-cn-hangzhou-internal.aliyuncs.com
+    /// (https:// is assumed when no scheme is given). Default: the provider's public endpoint.
+    #[arg(long, env = "FILLFS_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Region, e.g. us-east-1 or cn-hangzhou (oss:// derives its endpoint from it).
+    #[arg(long, env = "FILLFS_REGION")]
+    region: Option<String>,
+    /// Cap on bytes read from the store, MiB/s, shared by all files of this mount. 0 = unlimited.
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0)]
+    throughput: f64,
+    /// All memory for cached and read-ahead data (half each), e.g. 512MiB, 2GiB.
+    #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
+    cache_size: u64,
+    /// Cache block size = size of each ranged GET, e.g. 4MiB.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    block_size: u64,
+    /// How long directory listings and attributes are trusted, e.g. 60s, 5m, 0s.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    metadata_ttl: Duration,
+    /// Let users other than the mounting one access the mount (FUSE allow_other).
+    #[arg(long)]
+    allow_other: bool,
+    /// Owner uid of all files. Default: the mounting user.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Owner gid of all files. Default: the mounting user's group.
+    #[arg(long)]
+    gid: Option<u32>,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 4)]
+    fuse_threads: usize,
+    /// Return once the mount is ready and keep serving in the background (like mount-s3).
+    /// Without it fillfs stays in the foreground and unmounts on SIGINT/SIGTERM.
+    #[arg(long)]
+    daemon: bool,
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let size: bytesize::ByteSize = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a size like 512MiB: {e}"))?;
+    if size.as_u64() == 0 {
+        return Err("size must be positive".into());
+    }
+    Ok(size.as_u64())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Mount(args) => mount(args),
+    };
+    if let Err(e) = result {
+        eprintln!("fillfs: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn mount(a: MountArgs) -> Result<()> {
+    if !(a.throughput >= 0.0 && a.throughput.is_finite()) {
+        bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
+    }
+    let source = SourceUrl::parse(&a.source)?;
+    let opts = MountOptions {
+        store: StoreConfig::new(source, a.endpoint, a.region),
+        mountpoint: a.mountpoint,
+        throughput_mib: a.throughput,
+        cache_size: a.cache_size,
+        block_size: a.block_size,
+        metadata_ttl: a.metadata_ttl,
+        allow_other: a.allow_other,
+        uid: a.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+        gid: a.gid.unwrap_or_else(|| nix::unistd::getgid().as_raw()),
+        fuse_threads: a.fuse_threads,
+    };
+    fillfs::mount::split_cache_size(opts.cache_size, opts.block_size)?;
+    if a.daemon {
+        return daemonize_and_mount(&opts);
+    }
+    fillfs::mount::run(&opts, || {})?;
+    Ok(())
+}
+
+/// Forks before any thread exists; the child mounts and reports "ok" or the error through a
+/// pipe; the parent waits for that word and exits with it.
+fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
+    let (rx, tx) = nix::unistd::pipe().context("creating a pipe")?;
+    // SAFETY: no threads have been started yet (no runtime exists before this point).
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(tx);
+            let mut msg = String::new();
+            std::fs::File::from(rx)
+                .read_to_string(&mut msg)
+                .context("waiting for the mount")?;
+            match msg.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if msg.is_empty() => bail!("the background process exited before mounting"),
+                None => bail!("{}", msg.trim_end()),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(rx);
+            let _ = nix::unistd::setsid();
+            redirect_stdin_to_null();
+            let mut tx = Some(std::fs::File::from(OwnedFd::from(tx)));
+            let result = fillfs::mount::run(opts, || {
+                if let Some(mut t) = tx.take() {
+                    let _ = t.write_all(b"ok\n");
+                }
+            });
+            match result {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    tracing::error!(error = %e, "mount ended with an error");
+                    if let Some(mut t) = tx.take() {
+                        let _ = write!(t, "{e}");
+                    }
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+}
+
+fn redirect_stdin_to_null() {
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = null.as_raw_fd();
+    }
+}

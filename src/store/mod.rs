@@ -1,0 +1,286 @@
+//! The object store: the one door every byte from a bucket comes through.
+//!
+//! [`Store`] wraps an OpenDAL [`Operator`] (built in [`operator`]) for `s3`, `oss` or `fs`,
+//! with OpenDAL's retry layer (exponential backoff with jitter; it also resumes a body that
+//! breaks mid-stream) and timeout layer around it. On top it adds what OpenDAL's layers don't
+//! give us: the byte-rate [`RateLimiter`]s (OpenDAL's ThrottleLayer only limits writes) and
+//! byte/request counters. FUSE reads, prefetch and populate all call [`Store::read_range`];
+//! nothing else may read object data, so the limiter and counters see everything.
+//!
+//! This module owns: building operators, preflight checks with clear errors, LIST with a
+//! delimiter, ranged reads. It must not cache (that is [`crate::cache`]) nor decide what to
+//! read ahead (that is [`crate::prefetch`]).
+
+pub mod credentials;
+pub mod operator;
+pub mod url;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
+use opendal::{EntryMode, ErrorKind, Operator};
+
+pub use credentials::{Credentials, Rrsa, Secret};
+pub use url::{Scheme, SourceUrl};
+
+use crate::error::{Error, Result};
+use crate::limit::RateLimiter;
+
+/// Everything needed to reach a source.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub source: SourceUrl,
+    /// Endpoint URL; `None` means the provider default (AWS, or OSS from `region`).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Credentials,
+    /// Attempts for a transient failure (5xx, reset, timeout) before giving up.
+    pub max_retries: usize,
+}
+
+impl StoreConfig {
+    /// A config with credentials from the environment and default retries.
+    pub fn new(source: SourceUrl, endpoint: Option<String>, region: Option<String>) -> Self {
+        let credentials = Credentials::from_env(source.scheme);
+        StoreConfig {
+            source,
+            endpoint,
+            region,
+            credentials,
+            max_retries: 5,
+        }
+    }
+}
+
+/// Size, modification time and version tag of an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub mtime: Option<SystemTime>,
+    /// ETag (or version id) when the store has one; identifies the content for caching.
+    pub etag: Option<String>,
+}
+
+/// One child of a listed directory. `name` is a single path component, not yet checked
+/// for being a valid file name (that is the file system's job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    File { name: String, meta: ObjectMeta },
+    Dir { name: String },
+}
+
+/// Counters of what the store was asked for and what it delivered.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub get_requests: AtomicU64,
+    pub list_requests: AtomicU64,
+    pub stat_requests: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+/// A source bucket prefix (or directory) with its limiters and counters. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    op: Operator,
+    /// The same operator without retries: preflight must fail fast and say why.
+    op_no_retry: Operator,
+    source: SourceUrl,
+    endpoint: String,
+    limiters: Arc<[Arc<RateLimiter>]>,
+    stats: Arc<StoreStats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("source", &self.source)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Builds the store. `limiters` are all applied to every byte read (e.g. the mount's own
+    /// cap and the node-wide cap); pass an empty vec for no limit.
+    pub fn new(cfg: &StoreConfig, limiters: Vec<Arc<RateLimiter>>) -> Result<Self> {
+        let built = operator::build(cfg)?;
+        Ok(Store {
+            op: built.op,
+            op_no_retry: built.op_no_retry,
+            source: cfg.source.clone(),
+            endpoint: built.endpoint,
+            limiters: limiters.into(),
+            stats: Arc::new(StoreStats::default()),
+        })
+    }
+
+    pub fn source(&self) -> &SourceUrl {
+        &self.source
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Checks, before anything is mounted or written, that the bucket (or directory)
+    /// exists, the credentials are accepted and the endpoint answers. One LIST of at most
+    /// one key; no retries, so an unreachable endpoint fails in seconds.
+    pub async fn preflight(&self) -> Result<()> {
+        if self.source.scheme == Scheme::File {
+            let dir = &self.source.prefix;
+            return match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => Ok(()),
+                _ => Err(Error::DirectoryNotFound(dir.clone())),
+            };
+        }
+        let res = async {
+            let mut lister = self.op_no_retry.lister_with("/").limit(1).await?;
+            lister.try_next().await
+        }
+        .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.explain(e)),
+        }
+    }
+
+    /// Turns an OpenDAL error of a preflight into one a user can act on.
+    fn explain(&self, e: opendal::Error) -> Error {
+        let text = e.to_string();
+        match e.kind() {
+            ErrorKind::NotFound => Error::BucketNotFound {
+                bucket: self.source.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+            ErrorKind::PermissionDenied => Error::AccessDenied {
+                what: format!("{} at {}", self.source, self.endpoint),
+                hint: match self.source.scheme {
+                    Scheme::Oss => "ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET or RRSA".into(),
+                    _ => "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into(),
+                },
+            },
+            _ if text.contains("NoSuchBucket") => Error::BucketNotFound {
+                bucket: self.source.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+            _ if text.contains("SignatureDoesNotMatch")
+                || text.contains("InvalidAccessKeyId")
+                || text.contains("AccessDenied") =>
+            {
+                Error::AccessDenied {
+                    what: format!("{} at {}", self.source, self.endpoint),
+                    hint: "the store rejected the signature".into(),
+                }
+            }
+            _ if e.is_temporary()
+                || text.contains("send http request")
+                || text.contains("connect") =>
+            {
+                Error::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    reason: root_cause(&e),
+                }
+            }
+            _ => Error::Store(e),
+        }
+    }
+
+    /// Lists the direct children of directory `dir` (`""` for the root, else ending in `/`):
+    /// one paginated LIST with delimiter `/`. Objects ending in `/` (directory markers) and
+    /// common prefixes both come back as [`Listed::Dir`]; the directory's own marker is
+    /// left out.
+    pub async fn list_dir(&self, dir: &str) -> Result<Vec<Listed>> {
+        self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
+        let path = if dir.is_empty() { "/" } else { dir };
+        let mut lister = self.op.lister_with(path).await?;
+        let mut out = Vec::new();
+        while let Some(entry) = lister.try_next().await? {
+            let full = entry.path();
+            let Some(rel) = full.strip_prefix(dir) else {
+                continue;
+            };
+            if rel.is_empty() || rel == "/" {
+                continue; // the directory itself (its marker object)
+            }
+            let meta = entry.metadata();
+            match meta.mode() {
+                EntryMode::DIR => out.push(Listed::Dir {
+                    name: rel.trim_end_matches('/').to_string(),
+                }),
+                _ if rel.ends_with('/') => out.push(Listed::Dir {
+                    name: rel.trim_end_matches('/').to_string(),
+                }),
+                _ => out.push(Listed::File {
+                    name: rel.to_string(),
+                    meta: ObjectMeta {
+                        size: meta.content_length(),
+                        mtime: meta.last_modified().map(SystemTime::from),
+                        etag: meta.etag().or(meta.version()).map(str::to_string),
+                    },
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// HEAD of one object.
+    pub async fn stat(&self, key: &str) -> Result<ObjectMeta> {
+        self.stats.stat_requests.fetch_add(1, Ordering::Relaxed);
+        let meta = self.op.stat(key).await?;
+        Ok(ObjectMeta {
+            size: meta.content_length(),
+            mtime: meta.last_modified().map(SystemTime::from),
+            etag: meta.etag().or(meta.version()).map(str::to_string),
+        })
+    }
+
+    /// Reads `range` of `key` with one ranged GET, paying every chunk to the limiters as it
+    /// arrives (so the network, not just the caller, is paced). Errors if the store returns
+    /// fewer bytes than asked for.
+    pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = range.end - range.start;
+        if want == 0 {
+            return Ok(Bytes::new());
+        }
+        self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
+        let reader = self.op.reader_with(key).await?;
+        let mut stream = reader.into_stream(range.clone()).await?;
+        let mut out = BytesMut::with_capacity(want as usize);
+        while let Some(buf) = stream.try_next().await? {
+            let n = buf.len() as u64;
+            for limiter in self.limiters.iter() {
+                limiter.acquire(n).await;
+            }
+            self.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            for chunk in buf {
+                out.extend_from_slice(&chunk);
+            }
+        }
+        if out.len() as u64 != want {
+            return Err(Error::ShortRead {
+                key: key.to_string(),
+                offset: range.start,
+                expected: want,
+                got: out.len() as u64,
+            });
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// The innermost cause of an error, for one-line messages ("connection refused").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

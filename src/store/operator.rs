@@ -1,0 +1,117 @@
+//! Builds OpenDAL operators for a [`StoreConfig`]: service choice, endpoint defaults,
+//! credentials, and the cross-cutting layers (retry with jitter, timeouts).
+//! It must not perform requests; [`super::Store::preflight`] does the first one.
+
+use std::time::Duration;
+
+use opendal::Operator;
+use opendal::layers::{RetryLayer, TimeoutLayer};
+use opendal::services::{Fs, Oss, S3};
+
+use super::{Scheme, StoreConfig};
+use crate::error::{Error, Result};
+
+pub(super) struct Built {
+    pub op: Operator,
+    pub op_no_retry: Operator,
+    /// Human-readable endpoint for messages.
+    pub endpoint: String,
+}
+
+pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
+    let src = &cfg.source;
+    let (base, endpoint) = match src.scheme {
+        Scheme::File => {
+            let op = Operator::new(Fs::default().root(&src.prefix))?;
+            (op, format!("local directory {}", src.prefix))
+        }
+        Scheme::S3 => {
+            let region = cfg
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string());
+            let mut b = S3::default()
+                .bucket(&src.bucket)
+                .root(&root(&src.prefix))
+                .region(&region);
+            let endpoint = match &cfg.endpoint {
+                Some(e) => {
+                    let e = with_scheme(e);
+                    b = b.endpoint(&e);
+                    e
+                }
+                None => format!("https://s3.{region}.amazonaws.com"),
+            };
+            let c = &cfg.credentials;
+            if let (Some(id), Some(secret)) = (&c.access_key_id, &c.secret_access_key) {
+                b = b
+                    .access_key_id(id.expose())
+                    .secret_access_key(secret.expose());
+                if let Some(t) = &c.session_token {
+                    b = b.session_token(t.expose());
+                }
+            }
+            (Operator::new(b)?, endpoint)
+        }
+        Scheme::Oss => {
+            let endpoint = match (&cfg.endpoint, &cfg.region) {
+                (Some(e), _) => with_scheme(e),
+                (None, Some(r)) => format!("https://oss-{r}.aliyuncs.com"),
+                (None, None) => {
+                    return Err(Error::InvalidOption(
+                        "oss:// needs --endpoint or --region (e.g. --region cn-hangzhou)".into(),
+                    ));
+                }
+            };
+            let mut b = Oss::default()
+                .bucket(&src.bucket)
+                .root(&root(&src.prefix))
+                .endpoint(&endpoint);
+            let c = &cfg.credentials;
+            if let (Some(id), Some(secret)) = (&c.access_key_id, &c.secret_access_key) {
+                b = b
+                    .access_key_id(id.expose())
+                    .access_key_secret(secret.expose());
+                if let Some(t) = &c.session_token {
+                    b = b.security_token(t.expose());
+                }
+            } else if let Some(r) = &c.rrsa {
+                b = b
+                    .role_arn(&r.role_arn)
+                    .oidc_provider_arn(&r.oidc_provider_arn)
+                    .oidc_token_file(&r.oidc_token_file);
+            }
+            (Operator::new(b)?, endpoint)
+        }
+    };
+    let timeouts = TimeoutLayer::new()
+        .with_timeout(Duration::from_secs(60))
+        .with_io_timeout(Duration::from_secs(20));
+    let op_no_retry = base.clone().layer(timeouts.clone());
+    let op = base.layer(timeouts).layer(
+        RetryLayer::new()
+            .with_jitter()
+            .with_max_times(cfg.max_retries)
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5)),
+    );
+    Ok(Built {
+        op,
+        op_no_retry,
+        endpoint,
+    })
+}
+
+/// OpenDAL roots are absolute: `"a/b/"` → `"/a/b/"`.
+fn root(prefix: &str) -> String {
+    format!("/{prefix}")
+}
+
+/// The seed writes endpoints without a scheme (`oss-cn-hangzhou-internal.aliyuncs.com`).
+fn with_scheme(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("https://{endpoint}")
+    }
+}
