@@ -69,6 +69,10 @@ struct MountArgs {
     /// Owner gid of all files. Default: the mounting user's group.
     #[arg(long)]
     gid: Option<u32>,
+    /// Attempts for a transient store error (5xx, reset, timeout), with exponential backoff
+    /// and jitter, before a read fails with EIO.
+    #[arg(long, default_value_t = 5)]
+    retries: usize,
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     fuse_threads: usize,
@@ -115,8 +119,10 @@ fn mount(a: MountArgs) -> Result<()> {
         bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
     }
     let source = SourceUrl::parse(&a.source)?;
+    let mut store = StoreConfig::new(source, a.endpoint, a.region);
+    store.max_retries = a.retries;
     let opts = MountOptions {
-        store: StoreConfig::new(source, a.endpoint, a.region),
+        store,
         mountpoint: a.mountpoint,
         throughput_mib: a.throughput,
         cache_size: a.cache_size,

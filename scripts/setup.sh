@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what fillfs's build, quick start and tests need on a Debian machine. Idempotent:
+# installs only what is missing. Run as root (or with sudo available).
+set -euo pipefail
+
+need_pkgs=()
+command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
+command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
+
+if ((${#need_pkgs[@]})); then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing ${need_pkgs[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust (https://rustup.rs), stable >= 1.95" >&2
+  exit 1
+fi
+
+if [ ! -e /dev/fuse ]; then
+  echo "setup: warning: /dev/fuse is missing; FUSE tests will be skipped (in CI they fail)" >&2
+fi

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, checks formatting and lints, then runs
+# every test (unit, emulator, and FUSE end-to-end tests, which need root and /dev/fuse).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+# FUSE tests are timing- and memory-sensitive: one at a time within a test binary.
+cargo test --workspace --release -- --test-threads=1

@@ -1,0 +1,237 @@
+//! Test harness: a loopback S3 server (the `s3emu` emulator, a real S3 protocol server over
+//! HTTP), `fillfs mount` run as a real process on a real FUSE mount, and deterministic data.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use s3emu::{Config as EmuConfig, Emulator};
+
+pub const ACCESS_KEY: &str = "fillfs-test";
+pub const SECRET_KEY: &str = "fillfs-test-secret-key";
+pub const BUCKET: &str = "test-bucket";
+
+/// FUSE tests need /dev/fuse and root. Off such a machine they skip with a message; in CI
+/// (CI=true) a missing FUSE is a failure, never a silent skip.
+pub fn fuse_available() -> bool {
+    let ok = Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root();
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!(
+                "CI=true but /dev/fuse is missing or we are not root: FUSE tests must run in CI"
+            );
+        }
+        eprintln!("SKIPPED: FUSE tests need /dev/fuse and root");
+    }
+    ok
+}
+
+/// Starts the emulator with one bucket.
+pub fn emulator() -> Emulator {
+    let cfg = EmuConfig {
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        ..EmuConfig::default()
+    };
+    let emu = Emulator::start(cfg).expect("start s3emu");
+    emu.create_bucket(BUCKET);
+    emu
+}
+
+/// Deterministic, position-dependent content: byte `i` of object `seed` is a function of
+/// (seed, i), so any misplaced or duplicated block is detected.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut word = offset / 8;
+    let skip = (offset % 8) as usize;
+    while out.len() < len + skip {
+        out.extend_from_slice(
+            &splitmix(seed ^ word.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes(),
+        );
+        word += 1;
+    }
+    out.drain(..skip);
+    out.truncate(len);
+    out
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A running `fillfs mount`, unmounted (SIGTERM, then lazy umount) on drop.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Mount {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the mount process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident set size of the mount process, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:") * 1024
+    }
+
+    /// Stops the process with SIGTERM and waits for the unmount; returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.dir.path())
+                    .status();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+        if is_mounted(self.dir.path()) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(canon.to_str().unwrap_or("")))
+}
+
+pub fn fillfs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fillfs"));
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN");
+    c.env("RUST_LOG", "fillfs=debug,info");
+    c
+}
+
+/// `fillfs mount s3://BUCKET/prefix` against the emulator, with extra arguments; waits until
+/// the mount is live.
+pub fn mount_s3(emu: &Emulator, prefix: &str, extra: &[&str]) -> Mount {
+    let mut cmd = fillfs();
+    cmd.arg("mount")
+        .arg(format!("s3://{BUCKET}/{prefix}"))
+        .arg("--endpoint")
+        .arg(emu.endpoint())
+        .arg("--region")
+        .arg("us-east-1")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .args(extra);
+    spawn_mount(cmd)
+}
+
+/// Runs `cmd` (a `fillfs mount ... ` without the mountpoint) in the foreground and waits
+/// until the mountpoint is live.
+pub fn spawn_mount(mut cmd: Command) -> Mount {
+    let dir = tempfile::tempdir().expect("mountpoint");
+    let log = dir.path().with_extension("log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    cmd.arg(dir.path()).stdout(Stdio::null()).stderr(log_file);
+    let mut child = cmd.spawn().expect("spawn fillfs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(dir.path()) {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!(
+                "fillfs exited with {status} before mounting:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "mount did not appear in 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Mount { dir, child, log }
+}
+
+/// Reads a whole file in 1 MiB reads.
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Streams a file, checking it chunk by chunk against `pattern(seed, ..)`; returns bytes read.
+pub fn verify_stream(path: &Path, seed: u64, size: u64) -> u64 {
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {} at {pos}: {e}", path.display()));
+        if n == 0 {
+            break;
+        }
+        assert!(
+            buf[..n] == pattern(seed, pos, n)[..],
+            "{}: wrong bytes in [{pos}, {})",
+            path.display(),
+            pos + n as u64
+        );
+        pos += n as u64;
+    }
+    assert_eq!(pos, size, "{}: size", path.display());
+    pos
+}

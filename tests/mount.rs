@@ -1,0 +1,487 @@
+//! `fillfs mount` end to end: a real FUSE mount of a real S3-protocol server on loopback.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn put_pattern(emu: &Emulator, key: &str, seed: u64, size: u64) -> Bytes {
+    let data = Bytes::from(pattern(seed, 0, size as usize));
+    emu.put_object(BUCKET, key, data.clone());
+    data
+}
+
+#[test]
+fn large_object_reads_are_byte_exact_sequential_and_random() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let size = 1024 * MIB + 12345; // not a multiple of the block size
+    let data = put_pattern(&emu, "big/object.bin", 7, size);
+    let m = mount_s3(&emu, "big", &["--cache-size", "256MiB"]);
+    let path = m.path().join("object.bin");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+
+    verify_stream(&path, 7, size);
+
+    // Random offsets and lengths, including across block boundaries and past EOF.
+    let f = std::fs::File::open(&path).unwrap();
+    let mut state = 0x1234_5678_u64;
+    for i in 0..300 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (state >> 11) % (size + 1000);
+        let len = 1 + ((state >> 3) % (3 * MIB)) as usize;
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off).unwrap();
+        let expect_n = size.saturating_sub(off).min(len as u64) as usize;
+        assert_eq!(n, expect_n, "read {i} at {off} len {len}");
+        assert!(
+            buf[..n] == data[off as usize..off as usize + n],
+            "read {i}: wrong bytes at {off} len {len}"
+        );
+    }
+    // A reader that jumps around must not have made the store send far more than it read.
+    let served = emu.stats().bytes_served;
+    assert!(
+        served < 3 * size,
+        "store served {served} bytes for a {size}-byte object"
+    );
+    drop(f);
+    assert!(m.stop().success());
+}
+
+#[test]
+fn small_files_in_nested_directories_use_one_list_per_directory_and_no_head() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let mut expected = BTreeSet::new();
+    let mut seed = 0;
+    for d in 0..25 {
+        for s in 0..4 {
+            for f in 0..50 {
+                seed += 1;
+                let key = format!("tree/d{d:02}/s{s}/f{f:03}.dat");
+                put_pattern(&emu, &key, seed, (seed * 37) % 9000);
+                expected.insert((format!("d{d:02}/s{s}/f{f:03}.dat"), seed));
+            }
+        }
+    }
+    assert_eq!(expected.len(), 5000);
+    emu.reset_stats();
+    let m = mount_s3(&emu, "tree", &[]);
+    let mut found = BTreeSet::new();
+    walk(m.path(), m.path(), &mut |rel, path| {
+        found.insert(rel.to_string());
+        let seed = expected
+            .iter()
+            .find(|(k, _)| k == rel)
+            .map(|(_, s)| *s)
+            .expect("unexpected file");
+        let size = (seed * 37) % 9000;
+        assert!(
+            read_all(path).unwrap() == pattern(seed, 0, size as usize),
+            "{rel}"
+        );
+    });
+    let want: BTreeSet<String> = expected.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(found, want);
+    let stats = emu.stats();
+    // 1 root + 25 + 100 directories, each listed once (5,000 files fit in one page per dir).
+    assert!(
+        stats.list_requests <= 126 + 2,
+        "LIST requests: {}",
+        stats.list_requests
+    );
+    assert_eq!(
+        stats.head_requests, 0,
+        "lookups must be answered from listings, not HEADs"
+    );
+    assert!(m.stop().success());
+}
+
+fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(&str, &Path)) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            walk(root, &p, f);
+        } else {
+            f(p.strip_prefix(root).unwrap().to_str().unwrap(), &p);
+        }
+    }
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+#[test]
+fn markers_prefixes_unicode_and_hostile_keys() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let objects: &[(&str, &[u8])] = &[
+        ("k/empty-marker/", b""),
+        ("k/marked/", b""),
+        ("k/marked/inside.txt", b"inside"),
+        ("k/implicit/deep/leaf.txt", b"leaf"),
+        ("k/ünïcødé 文件.txt", "ünï".as_bytes()),
+        ("k/with space/name with space.txt", b"spaces"),
+        ("k/a//b", b"double slash"),
+        ("k/../escape", b"dotdot"),
+        ("k/./dot", b"dot"),
+        ("k/x/../../../etc/passwd", b"nope"),
+        ("k/both", b"file shadowed by dir"),
+        ("k/both/child", b"child"),
+        ("k/zero-length", b""),
+    ];
+    for (k, v) in objects {
+        emu.put_object(BUCKET, k, Bytes::from_static(v));
+    }
+    let m = mount_s3(&emu, "k", &[]);
+    let root = m.path();
+    assert_eq!(
+        names(root),
+        [
+            "a",
+            "both",
+            "empty-marker",
+            "implicit",
+            "marked",
+            "with space",
+            "x",
+            "zero-length",
+            "ünïcødé 文件.txt"
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect()
+    );
+    assert!(names(&root.join("empty-marker")).is_empty());
+    assert_eq!(
+        std::fs::read(root.join("marked/inside.txt")).unwrap(),
+        b"inside"
+    );
+    assert_eq!(
+        std::fs::read(root.join("implicit/deep/leaf.txt")).unwrap(),
+        b"leaf"
+    );
+    assert_eq!(
+        std::fs::read(root.join("ünïcødé 文件.txt")).unwrap(),
+        "ünï".as_bytes()
+    );
+    assert_eq!(
+        std::fs::read(root.join("with space/name with space.txt")).unwrap(),
+        b"spaces"
+    );
+    assert_eq!(std::fs::read(root.join("zero-length")).unwrap(), b"");
+    assert!(root.join("both").is_dir());
+    assert_eq!(std::fs::read(root.join("both/child")).unwrap(), b"child");
+    // `a//b`: the empty component is hidden, nothing maps it elsewhere.
+    assert!(names(&root.join("a")).is_empty());
+    // `x/../../../etc/passwd`: the `..` component is hidden; nothing outside the mount shows.
+    assert!(names(&root.join("x")).is_empty());
+    assert!(std::fs::metadata(root.join("escape")).is_err());
+    assert!(std::fs::metadata(root.join("nonexistent")).is_err());
+    // Read-only: writes are refused, the mount keeps serving.
+    assert!(std::fs::write(root.join("new-file"), b"x").is_err());
+    assert_eq!(
+        std::fs::read(root.join("marked/inside.txt")).unwrap(),
+        b"inside"
+    );
+    assert!(m.stop().success());
+}
+
+#[test]
+fn sixteen_concurrent_readers_on_different_files_and_on_one_file() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let size = 24 * MIB + 100;
+    for i in 0..16 {
+        put_pattern(&emu, &format!("c/file{i:02}"), 100 + i, size);
+    }
+    let shared_size = 64 * MIB + 7;
+    put_pattern(&emu, "c/shared", 999, shared_size);
+    let m = mount_s3(&emu, "c", &["--cache-size", "256MiB"]);
+    std::thread::scope(|s| {
+        for i in 0..16u64 {
+            let p = m.path().join(format!("file{i:02}"));
+            s.spawn(move || verify_stream(&p, 100 + i, size));
+        }
+    });
+    std::thread::scope(|s| {
+        for i in 0..16u64 {
+            let p = m.path().join("shared");
+            s.spawn(move || {
+                if i % 2 == 0 {
+                    verify_stream(&p, 999, shared_size);
+                } else {
+                    // Odd readers start in the middle: each handle gets its own stream.
+                    let f = std::fs::File::open(&p).unwrap();
+                    let start = (i * 4 * MIB) % shared_size;
+                    let mut buf = vec![0u8; MIB as usize];
+                    let mut off = start;
+                    while off < shared_size {
+                        let n = f.read_at(&mut buf, off).unwrap();
+                        assert!(buf[..n] == pattern(999, off, n)[..], "shared at {off}");
+                        off += n as u64;
+                    }
+                }
+            });
+        }
+    });
+    assert!(m.stop().success());
+}
+
+fn timed_read(path: &Path) -> f64 {
+    let start = Instant::now();
+    let n = read_all(path).unwrap().len();
+    assert!(n > 0);
+    start.elapsed().as_secs_f64()
+}
+
+#[test]
+fn throughput_cap_is_accurate_and_shared() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_pattern(&emu, "t/one", 1, 200 * MIB);
+    put_pattern(&emu, "t/two-a", 2, 100 * MIB);
+    put_pattern(&emu, "t/two-b", 3, 100 * MIB);
+    let m = mount_s3(&emu, "t", &["--throughput", "20"]);
+
+    // One reader, 200 MiB at 20 MiB/s: 10 s ideal.
+    let secs = timed_read(&m.path().join("one"));
+    assert!(
+        (9.0..=11.0).contains(&secs),
+        "200 MiB at 20 MiB/s took {secs:.2}s (ideal 10 s ±10%)"
+    );
+
+    // Two concurrent readers share the cap: together 200 MiB in ~10 s, each ~10 s.
+    let start = Instant::now();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| timed_read(&m.path().join("two-a")));
+        let b = s.spawn(|| timed_read(&m.path().join("two-b")));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let total = start.elapsed().as_secs_f64();
+    assert!(
+        (9.0..=11.0).contains(&total),
+        "2 × 100 MiB at 20 MiB/s took {total:.2}s"
+    );
+    assert!(
+        (a - b).abs() < 0.25 * total,
+        "unfair share: {a:.2}s vs {b:.2}s"
+    );
+    assert!(m.stop().success());
+}
+
+#[test]
+fn memory_stays_within_cache_size_while_eight_readers_stream() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    // Eight distinct keys sharing one buffer in the emulator: distinct objects to fillfs.
+    let size = 1024 * MIB;
+    let data = Bytes::from(pattern(5, 0, size as usize));
+    for i in 0..8 {
+        emu.put_object(BUCKET, &format!("mem/f{i}"), data.clone());
+    }
+    let m = mount_s3(&emu, "mem", &["--cache-size", "256MiB"]);
+    let baseline = m.peak_rss();
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let p = m.path().join(format!("f{i}"));
+            s.spawn(move || verify_stream(&p, 5, size));
+        }
+    });
+    let peak = m.peak_rss();
+    eprintln!(
+        "MEASURED peak RSS {} MiB with --cache-size 256MiB, 8 readers x 1 GiB (baseline after mount {} MiB)",
+        peak / MIB,
+        baseline / MIB
+    );
+    // 256 MiB of data plus a fixed overhead (runtime, HTTP client, allocator slack,
+    // blocks in flight in FUSE replies) measured at well under 128 MiB.
+    assert!(peak < 256 * MIB + 128 * MIB, "peak RSS {} MiB", peak / MIB);
+    assert!(m.stop().success());
+}
+
+fn mount_fails(args: &[&str], env: &[(&str, &str)]) -> (String, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = fillfs()
+        .arg("mount")
+        .args(args)
+        .arg(dir.path())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert!(!out.status.success(), "mount must fail: {args:?}");
+    assert!(!is_mounted(dir.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = stderr.lines().last().unwrap_or("").to_string();
+    assert!(
+        last.starts_with("fillfs: error: "),
+        "one-line error expected, got:\n{stderr}"
+    );
+    (stderr, took)
+}
+
+#[test]
+fn bad_sources_fail_before_mounting_with_a_clear_error() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let ep = emu.endpoint();
+    let creds = [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+    ];
+
+    let (err, _) = mount_fails(&["s3://no-such-bucket/x", "--endpoint", &ep], &creds);
+    assert!(
+        err.contains("no-such-bucket") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let wrong = [
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", "wrong-secret-value"),
+    ];
+    let (err, _) = mount_fails(&[&format!("s3://{BUCKET}/"), "--endpoint", &ep], &wrong);
+    assert!(err.contains("access denied"), "{err}");
+    assert!(!err.contains("wrong-secret-value"), "secret leaked: {err}");
+
+    let (err, took) = mount_fails(
+        &[
+            &format!("s3://{BUCKET}/"),
+            "--endpoint",
+            "http://127.0.0.1:1",
+        ],
+        &creds,
+    );
+    assert!(err.contains("cannot reach"), "{err}");
+    assert!(
+        took < Duration::from_secs(30),
+        "unreachable endpoint took {took:?}"
+    );
+
+    let (err, _) = mount_fails(&["file:///definitely/not/here"], &[]);
+    assert!(err.contains("does not exist"), "{err}");
+
+    let (err, _) = mount_fails(&["gs://bucket/x"], &[]);
+    assert!(err.contains("unsupported scheme"), "{err}");
+}
+
+#[test]
+fn store_failures_are_retried_and_persistent_ones_give_eio_without_killing_the_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_pattern(&emu, "f/flaky", 11, 10 * MIB);
+    put_pattern(&emu, "f/broken", 12, 10 * MIB);
+    put_pattern(&emu, "f/fine", 13, MIB);
+    let m = mount_s3(&emu, "f", &["--retries", "2"]);
+
+    // Transient: the next three GETs fail with 5xx; retries hide them.
+    emu.fail_next_gets(3);
+    verify_stream(&m.path().join("flaky"), 11, 10 * MIB);
+
+    // Persistent: every GET fails; the read gets EIO, the cause is logged.
+    emu.set_faults(s3emu::Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let err = read_all(&m.path().join("broken")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        m.log().contains("request failed"),
+        "cause must be logged:\n{}",
+        m.log()
+    );
+
+    // The mount keeps serving once the store recovers.
+    emu.set_faults(s3emu::Faults::default());
+    verify_stream(&m.path().join("fine"), 13, MIB);
+    verify_stream(&m.path().join("broken"), 12, 10 * MIB);
+    assert!(m.stop().success());
+}
+
+#[test]
+fn file_source_is_served_through_the_same_layer() {
+    if !fuse_available() {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("d/e")).unwrap();
+    std::fs::write(
+        src.path().join("d/e/data.bin"),
+        pattern(3, 0, 5 * MIB as usize + 1),
+    )
+    .unwrap();
+    std::fs::write(src.path().join("top.txt"), b"top").unwrap();
+    let mut cmd = fillfs();
+    cmd.arg("mount")
+        .arg(format!("file://{}", src.path().display()));
+    let m = spawn_mount(cmd);
+    assert_eq!(std::fs::read(m.path().join("top.txt")).unwrap(), b"top");
+    verify_stream(&m.path().join("d/e/data.bin"), 3, 5 * MIB + 1);
+    assert!(m.stop().success());
+    assert!(!is_mounted(src.path()));
+}
+
+#[test]
+fn daemon_mode_returns_once_mounted() {
+    if !fuse_available() {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("hello.txt"), b"hello").unwrap();
+    let mp = tempfile::tempdir().unwrap();
+    let status = fillfs()
+        .arg("mount")
+        .arg(format!("file://{}", src.path().display()))
+        .arg(mp.path())
+        .arg("--daemon")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // No waiting: the mount is ready when the command returns.
+    assert!(is_mounted(mp.path()));
+    assert_eq!(
+        std::fs::read(mp.path().join("hello.txt")).unwrap(),
+        b"hello"
+    );
+    assert!(
+        std::process::Command::new("umount")
+            .arg(mp.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+}
