@@ -51,7 +51,7 @@ fn large_object_reads_are_byte_exact_sequential_and_random() {
         );
     }
     // A reader that jumps around must not have made the store send far more than it read.
-    let served = emu.stats().bytes_served;
+    let served = emu.stats().get_bytes;
     assert!(
         served < 3 * size,
         "store served {served} bytes for a {size}-byte object"
@@ -100,12 +100,12 @@ fn small_files_in_nested_directories_use_one_list_per_directory_and_no_head() {
     let stats = emu.stats();
     // 1 root + 25 + 100 directories, each listed once (5,000 files fit in one page per dir).
     assert!(
-        stats.list_requests <= 126 + 2,
+        stats.lists <= 126 + 2,
         "LIST requests: {}",
-        stats.list_requests
+        stats.lists
     );
     assert_eq!(
-        stats.head_requests, 0,
+        stats.heads, 0,
         "lookups must be answered from listings, not HEADs"
     );
     assert!(m.stop().success());

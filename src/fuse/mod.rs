@@ -296,6 +296,7 @@ pub fn mount(
             format!("mounting at {}: {e}", mountpoint.display()),
         ))
     })?;
+    tune_bdi_readahead(mountpoint);
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     on_mounted();
 
@@ -311,6 +312,26 @@ pub fn mount(
     session.run().map_err(Error::Io)?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     Ok(())
+}
+
+/// The kernel offers FUSE only 128 KiB of read-ahead at INIT; as root we can raise the
+/// mount's backing-device read-ahead, which lets sequential readers send fewer, larger
+/// requests (measured: 584 → 944 MB/s for `dd bs=1M` from a file:// mount). Best effort.
+fn tune_bdi_readahead(mountpoint: &Path) {
+    // Not stat(): the session does not serve requests yet, a GETATTR would deadlock.
+    let target = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(dev) = mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(4).map(Path::new) == Some(target.as_path())).then(|| f[2].to_string())
+    }) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, (MAX_READAHEAD / 1024).to_string()) {
+        Ok(()) => tracing::debug!(%path, kib = MAX_READAHEAD / 1024, "raised kernel read-ahead"),
+        Err(e) => tracing::debug!(%path, error = %e, "could not raise kernel read-ahead"),
+    }
 }
 
 async fn wait_for_shutdown_signal() {

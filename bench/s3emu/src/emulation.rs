@@ -1,0 +1,273 @@
+//! Runtime emulation knobs (latency, bandwidth cap, fault injection), the
+//! seeded RNG that drives probabilistic faults, and the request/byte counters.
+//! All of it is lock-free or behind short locks so the handle can change it
+//! while the server runs.
+
+use std::collections::HashSet;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Probabilistic fault injection for GET/HEAD. Rates are probabilities in `[0, 1]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// A GET or HEAD answers 503 SlowDown or 500 InternalError (50/50) before any body.
+    pub error_rate: f64,
+    /// A GET body stream errors out part-way (the client sees a truncated body / reset).
+    pub reset_rate: f64,
+    /// A GET body has one byte flipped (same length, same headers).
+    pub corrupt_rate: f64,
+}
+
+/// Counter snapshot returned by [`crate::Emulator::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every HTTP request that reached the server (including ones rejected by auth).
+    pub requests: u64,
+    /// GetObject requests (including failed / injected-fault ones).
+    pub gets: u64,
+    /// HeadObject requests.
+    pub heads: u64,
+    /// ListObjects and ListObjectsV2 requests.
+    pub lists: u64,
+    /// PutObject and UploadPart requests.
+    pub puts: u64,
+    /// Body bytes handed to the connection by GetObject responses.
+    pub get_bytes: u64,
+    /// GET/HEAD answered with an injected 5xx (probabilistic or `fail_next_gets`).
+    pub injected_errors: u64,
+    /// GET bodies cut short on purpose.
+    pub injected_resets: u64,
+    /// GET bodies with a flipped byte.
+    pub injected_corruptions: u64,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub gets: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    pub puts: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub injected_errors: AtomicU64,
+    pub injected_resets: AtomicU64,
+    pub injected_corruptions: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            requests: self.requests.load(Relaxed),
+            gets: self.gets.load(Relaxed),
+            heads: self.heads.load(Relaxed),
+            lists: self.lists.load(Relaxed),
+            puts: self.puts.load(Relaxed),
+            get_bytes: self.get_bytes.load(Relaxed),
+            injected_errors: self.injected_errors.load(Relaxed),
+            injected_resets: self.injected_resets.load(Relaxed),
+            injected_corruptions: self.injected_corruptions.load(Relaxed),
+        }
+    }
+
+    pub fn reset(&self) {
+        for c in [
+            &self.requests,
+            &self.gets,
+            &self.heads,
+            &self.lists,
+            &self.puts,
+            &self.get_bytes,
+            &self.injected_errors,
+            &self.injected_resets,
+            &self.injected_corruptions,
+        ] {
+            c.store(0, Relaxed);
+        }
+    }
+
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+}
+
+/// SplitMix64 over an atomic counter: lock-free, and deterministic for a given
+/// seed and call order.
+pub struct Rng {
+    state: AtomicU64,
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: AtomicU64::new(seed),
+        }
+    }
+
+    pub fn next_u64(&self) -> u64 {
+        let mut z = self
+            .state
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f64(&self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// True with probability `p`; draws nothing when `p <= 0`.
+    pub fn chance(&self, p: f64) -> bool {
+        p > 0.0 && (p >= 1.0 || self.next_f64() < p)
+    }
+
+    /// Uniform in `[lo, hi)`; `lo` when the range is empty.
+    pub fn range(&self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            lo
+        } else {
+            lo + self.next_u64() % (hi - lo)
+        }
+    }
+}
+
+/// The live knobs.
+pub struct Knobs {
+    latency_nanos: AtomicU64,
+    /// Bytes per second; 0 = unlimited.
+    bandwidth: AtomicU64,
+    error_rate: AtomicU64,
+    reset_rate: AtomicU64,
+    corrupt_rate: AtomicU64,
+    fail_next_gets: AtomicU64,
+    any_corrupt_keys: AtomicBool,
+    corrupt_keys: RwLock<HashSet<(String, String)>>,
+}
+
+impl Knobs {
+    pub fn new(latency: Duration, bandwidth: Option<u64>) -> Self {
+        let k = Self {
+            latency_nanos: AtomicU64::new(0),
+            bandwidth: AtomicU64::new(0),
+            error_rate: AtomicU64::new(0f64.to_bits()),
+            reset_rate: AtomicU64::new(0f64.to_bits()),
+            corrupt_rate: AtomicU64::new(0f64.to_bits()),
+            fail_next_gets: AtomicU64::new(0),
+            any_corrupt_keys: AtomicBool::new(false),
+            corrupt_keys: RwLock::new(HashSet::new()),
+        };
+        k.set_latency(latency);
+        k.set_bandwidth(bandwidth);
+        k
+    }
+
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency_nanos.load(Relaxed))
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_nanos
+            .store(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Bytes per second, `None` when unlimited.
+    pub fn bandwidth(&self) -> Option<u64> {
+        match self.bandwidth.load(Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
+    }
+
+    pub fn set_bandwidth(&self, b: Option<u64>) {
+        self.bandwidth.store(b.unwrap_or(0), Relaxed);
+    }
+
+    pub fn faults(&self) -> Faults {
+        Faults {
+            error_rate: f64::from_bits(self.error_rate.load(Relaxed)),
+            reset_rate: f64::from_bits(self.reset_rate.load(Relaxed)),
+            corrupt_rate: f64::from_bits(self.corrupt_rate.load(Relaxed)),
+        }
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        let clamp = |x: f64| if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+        self.error_rate
+            .store(clamp(f.error_rate).to_bits(), Relaxed);
+        self.reset_rate
+            .store(clamp(f.reset_rate).to_bits(), Relaxed);
+        self.corrupt_rate
+            .store(clamp(f.corrupt_rate).to_bits(), Relaxed);
+    }
+
+    pub fn add_fail_next_gets(&self, n: u64) {
+        self.fail_next_gets.fetch_add(n, Relaxed);
+    }
+
+    pub fn clear_fail_next_gets(&self) {
+        self.fail_next_gets.store(0, Relaxed);
+    }
+
+    /// Consume one pending forced GET failure, if any.
+    pub fn take_forced_get_failure(&self) -> bool {
+        self.fail_next_gets
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    pub fn corrupt_key(&self, bucket: &str, key: &str) {
+        let mut set = self.corrupt_keys.write().unwrap();
+        set.insert((bucket.to_owned(), key.to_owned()));
+        self.any_corrupt_keys.store(true, Relaxed);
+    }
+
+    pub fn clear_corrupt_keys(&self) {
+        let mut set = self.corrupt_keys.write().unwrap();
+        set.clear();
+        self.any_corrupt_keys.store(false, Relaxed);
+    }
+
+    pub fn is_corrupt_key(&self, bucket: &str, key: &str) -> bool {
+        if !self.any_corrupt_keys.load(Relaxed) {
+            return false;
+        }
+        let set = self.corrupt_keys.read().unwrap();
+        set.iter().any(|(b, k)| b == bucket && k == key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_deterministic_and_uniformish() {
+        let a = Rng::new(7);
+        let b = Rng::new(7);
+        let xs: Vec<u64> = (0..16).map(|_| a.next_u64()).collect();
+        let ys: Vec<u64> = (0..16).map(|_| b.next_u64()).collect();
+        assert_eq!(xs, ys);
+        let r = Rng::new(1);
+        let hits = (0..10_000).filter(|_| r.chance(0.25)).count();
+        assert!((2_000..3_000).contains(&hits), "{hits}");
+        assert!(!r.chance(0.0));
+        assert!(r.chance(1.0));
+        for _ in 0..1000 {
+            let x = r.range(3, 9);
+            assert!((3..9).contains(&x));
+        }
+    }
+
+    #[test]
+    fn forced_failures_count_down() {
+        let k = Knobs::new(Duration::ZERO, None);
+        assert!(!k.take_forced_get_failure());
+        k.add_fail_next_gets(2);
+        assert!(k.take_forced_get_failure());
+        assert!(k.take_forced_get_failure());
+        assert!(!k.take_forced_get_failure());
+    }
+}
