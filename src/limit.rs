@@ -132,9 +132,10 @@ mod tests {
         for t in tasks {
             done.push(t.await.unwrap());
         }
-        // 16 MiB at 8 MiB/s: everyone finishes near 2 s, nobody is starved or favoured.
+        // 16 MiB at 8 MiB/s: everyone finishes near 2 s. An unfair limiter would let one
+        // reader finish at 0.5 s and starve the others.
         for d in &done {
-            assert!((d - 2.0).abs() < 0.1, "finish times {done:?}");
+            assert!((1.7..=2.1).contains(d), "finish times {done:?}");
         }
     }
 

@@ -99,11 +99,7 @@ fn small_files_in_nested_directories_use_one_list_per_directory_and_no_head() {
     assert_eq!(found, want);
     let stats = emu.stats();
     // 1 root + 25 + 100 directories, each listed once (5,000 files fit in one page per dir).
-    assert!(
-        stats.lists <= 126 + 2,
-        "LIST requests: {}",
-        stats.lists
-    );
+    assert!(stats.lists <= 126 + 2, "LIST requests: {}", stats.lists);
     assert_eq!(
         stats.heads, 0,
         "lookups must be answered from listings, not HEADs"
@@ -389,8 +385,13 @@ fn bad_sources_fail_before_mounting_with_a_clear_error() {
         "unreachable endpoint took {took:?}"
     );
 
-    let (err, _) = mount_fails(&["file:///definitely/not/here"], &[]);
+    let missing = tempfile::tempdir().unwrap().path().join("not-here");
+    let (err, _) = mount_fails(&[&format!("file://{}", missing.display())], &[]);
     assert!(err.contains("does not exist"), "{err}");
+    assert!(
+        !missing.exists(),
+        "a missing source directory must not be created"
+    );
 
     let (err, _) = mount_fails(&["gs://bucket/x"], &[]);
     assert!(err.contains("unsupported scheme"), "{err}");

@@ -22,6 +22,10 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
     let src = &cfg.source;
     let (base, endpoint) = match src.scheme {
         Scheme::File => {
+            // OpenDAL's fs service creates a missing root; a source must never be created.
+            if !std::path::Path::new(&src.prefix).is_dir() {
+                return Err(Error::DirectoryNotFound(src.prefix.clone()));
+            }
             let op = Operator::new(Fs::default().root(&src.prefix))?;
             (op, format!("local directory {}", src.prefix))
         }
