@@ -2,7 +2,6 @@
 //! lives here beyond process concerns (logging set-up, daemonizing, exit codes).
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -164,7 +163,7 @@ fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
             drop(rx);
             let _ = nix::unistd::setsid();
             redirect_stdin_to_null();
-            let mut tx = Some(std::fs::File::from(OwnedFd::from(tx)));
+            let mut tx = Some(std::fs::File::from(tx));
             let result = fillfs::mount::run(opts, || {
                 if let Some(mut t) = tx.take() {
                     let _ = t.write_all(b"ok\n");
@@ -198,6 +197,5 @@ fn pin_large_allocations_to_mmap() {
 fn redirect_stdin_to_null() {
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdin(&null);
-        let _ = null.as_raw_fd();
     }
 }

@@ -257,3 +257,117 @@ impl Drop for Prefetcher {
         self.cancel_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ObjectId;
+    use crate::store::{SourceUrl, StoreConfig};
+
+    const BS: u64 = 64 * 1024;
+
+    /// A real store over a temp directory (OpenDAL fs), holding one object of `size` bytes.
+    fn setup(size: u64) -> (tempfile::TempDir, Store, ObjectRef, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(dir.path().join("obj"), &data).unwrap();
+        let url = SourceUrl::parse(&format!("file://{}", dir.path().display())).unwrap();
+        let store = Store::new(&StoreConfig::new(url, None, None), Vec::new()).unwrap();
+        let obj = ObjectRef {
+            id: Arc::new(ObjectId {
+                store: "t".into(),
+                key: "obj".into(),
+                version: "1".into(),
+            }),
+            size,
+        };
+        (dir, store, obj, data)
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_grow_the_window_and_return_exact_bytes() {
+        let (_d, store, obj, data) = setup(64 * BS + 5);
+        let cache = BlockCache::new(64 * BS, BS);
+        let budget = PrefetchBudget::new(32 * BS);
+        let mut p = Prefetcher::new(store, cache, budget.clone(), obj, 16);
+        let mut off = 0u64;
+        let mut max_window = 0;
+        while off < data.len() as u64 {
+            let got = p.plan_read(off, 40_000).await.unwrap();
+            assert_eq!(&got[..], &data[off as usize..(off as usize + got.len())]);
+            assert!(p.ahead_blocks() as u64 <= p.window());
+            max_window = max_window.max(p.window());
+            off += got.len() as u64;
+        }
+        assert_eq!(
+            max_window, 16,
+            "window must grow to max_window on a sequential stream"
+        );
+        assert!(budget.in_use() <= budget.bytes());
+    }
+
+    #[tokio::test]
+    async fn a_seek_outside_the_window_cancels_read_ahead() {
+        let (_d, store, obj, data) = setup(256 * BS);
+        let cache = BlockCache::new(512 * BS, BS);
+        let budget = PrefetchBudget::new(64 * BS);
+        let mut p = Prefetcher::new(store, cache, budget.clone(), obj, 32);
+        for i in 0..8 {
+            p.plan_read(i * BS, BS).await.unwrap();
+        }
+        assert!(p.window() > INITIAL_WINDOW);
+        assert!(p.ahead_blocks() > 0);
+        let far = 200 * BS + 17;
+        let got = p.plan_read(far, 100).await.unwrap();
+        assert_eq!(&got[..], &data[far as usize..far as usize + 100]);
+        assert_eq!(
+            p.window(),
+            INITIAL_WINDOW,
+            "random access resets the window"
+        );
+        assert!(
+            p.ahead_blocks() as u64 <= INITIAL_WINDOW,
+            "old read-ahead is cancelled"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_budget_bounds_read_ahead_of_all_handles_and_windows_shrink() {
+        let (_d, store, obj, _data) = setup(128 * BS);
+        let cache = BlockCache::new(256 * BS, BS);
+        let budget = PrefetchBudget::new(6 * BS);
+        let mut handles: Vec<Prefetcher> = (0..4)
+            .map(|_| {
+                Prefetcher::new(
+                    store.clone(),
+                    cache.clone(),
+                    budget.clone(),
+                    obj.clone(),
+                    64,
+                )
+            })
+            .collect();
+        for step in 0..20 {
+            for (h, p) in handles.iter_mut().enumerate() {
+                // Each handle streams its own region so they cannot share blocks.
+                p.plan_read((h as u64 * 32 + step) * BS, BS).await.unwrap();
+                assert!(budget.in_use() <= budget.bytes(), "budget overrun");
+            }
+        }
+        let held: usize = handles.iter().map(|p| p.ahead_blocks()).sum();
+        assert!(
+            held <= 6,
+            "read-ahead held {held} blocks with a 6-block budget"
+        );
+        assert!(
+            handles.iter().any(|p| p.window() < 64),
+            "windows must shrink under pressure"
+        );
+        drop(handles);
+        assert_eq!(
+            budget.in_use(),
+            0,
+            "closing handles releases their read-ahead"
+        );
+    }
+}
