@@ -25,6 +25,12 @@ struct Args {
     /// Size of each direct ranged GET, MiB (same as fillfs's default block).
     #[arg(long, default_value_t = 4)]
     range_mib: u64,
+    /// Extra arguments for `fillfs mount` (repeatable), e.g. --mount-arg=--block-size=8MiB.
+    #[arg(long = "mount-arg", allow_hyphen_values = true)]
+    mount_args: Vec<String>,
+    /// Only the emulator setting with latency and per-connection caps.
+    #[arg(long)]
+    latency_only: bool,
     /// Write the markdown table here as well as to stdout.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -45,6 +51,9 @@ fn main() -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for (latency_ms, bw_mib) in [(0u64, 0u64), (20, 50)] {
+        if args.latency_only && latency_ms == 0 {
+            continue;
+        }
         let emu = s3emu::Emulator::start(s3emu::Config {
             first_byte_latency: Duration::from_millis(latency_ms),
             per_connection_bandwidth: (bw_mib > 0).then_some(bw_mib * MIB),
@@ -58,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         emu.put_object("bench", "data/object.bin", data.into());
 
         let direct = direct_read(&emu, size, args.concurrency, args.range_mib * MIB)?;
-        let mount = mount_read(&fillfs, &emu, size)?;
+        let mount = mount_read(&fillfs, &emu, size, &args.mount_args)?;
         let label = if latency_ms == 0 {
             "loopback, no latency, no cap".to_string()
         } else {
@@ -129,7 +138,12 @@ fn direct_read(
     })
 }
 
-fn mount_read(fillfs: &Path, emu: &s3emu::Emulator, size: u64) -> anyhow::Result<f64> {
+fn mount_read(
+    fillfs: &Path,
+    emu: &s3emu::Emulator,
+    size: u64,
+    extra: &[String],
+) -> anyhow::Result<f64> {
     let mp = tempfile::tempdir()?;
     let mut child = Command::new(fillfs)
         .args([
@@ -141,6 +155,7 @@ fn mount_read(fillfs: &Path, emu: &s3emu::Emulator, size: u64) -> anyhow::Result
             "us-east-1",
         ])
         .arg(mp.path())
+        .args(extra)
         .env("AWS_ACCESS_KEY_ID", emu.access_key())
         .env("AWS_SECRET_ACCESS_KEY", emu.secret_key())
         .stderr(Stdio::null())

@@ -72,6 +72,10 @@ struct MountArgs {
     /// and jitter, before a read fails with EIO.
     #[arg(long, default_value_t = 5)]
     retries: usize,
+    /// Kernel read-ahead per file (how far the kernel reads ahead of a sequential reader,
+    /// in FUSE requests of up to 1 MiB). Needs root; 0 keeps the kernel's 128 KiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size_or_zero)]
+    kernel_read_ahead: u64,
     /// FUSE request threads.
     #[arg(long, default_value_t = 4)]
     fuse_threads: usize,
@@ -89,6 +93,10 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         return Err("size must be positive".into());
     }
     Ok(size.as_u64())
+}
+
+fn parse_size_or_zero(s: &str) -> std::result::Result<u64, String> {
+    if s == "0" { Ok(0) } else { parse_size(s) }
 }
 
 fn init_logging() {
@@ -132,6 +140,7 @@ fn mount(a: MountArgs) -> Result<()> {
         uid: a.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
         gid: a.gid.unwrap_or_else(|| nix::unistd::getgid().as_raw()),
         fuse_threads: a.fuse_threads,
+        kernel_read_ahead: a.kernel_read_ahead,
     };
     fillfs::mount::split_cache_size(opts.cache_size, opts.block_size)?;
     if a.daemon {

@@ -29,6 +29,8 @@ pub struct MountOptions {
     pub uid: u32,
     pub gid: u32,
     pub fuse_threads: usize,
+    /// Kernel read-ahead per file, bytes (0 = kernel default).
+    pub kernel_read_ahead: u64,
 }
 
 /// How `--cache-size` is spent: half for the block cache, half for read-ahead not yet
@@ -93,6 +95,7 @@ pub fn run(opts: &MountOptions, on_mounted: impl FnOnce()) -> Result<()> {
         fs_name: format!("fillfs:{}", opts.store.source),
         allow_other: opts.allow_other,
         threads: opts.fuse_threads,
+        kernel_read_ahead: opts.kernel_read_ahead,
     };
     let result = fuse::mount(fs.clone(), &rt, &opts.mountpoint, &cfg, on_mounted);
     let s = fs.store().stats();
