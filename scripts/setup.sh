@@ -22,6 +22,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# moto: a faithful third-party S3 server for the fidelity tests (tests/moto.rs).
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "setup: installing moto[server] from PyPI"
+  python3 -m pip install -q --disable-pip-version-check "moto[server]==5.*"
+fi
+
 if [ ! -e /dev/fuse ]; then
   echo "setup: warning: /dev/fuse is missing; FUSE tests will be skipped (in CI they fail)" >&2
 fi
