@@ -36,6 +36,35 @@ pub enum Error {
         got: u64,
     },
 
+    #[error("{path}: checksum mismatch (expected {expected}, got {got}) after a retry")]
+    ChecksumMismatch {
+        path: String,
+        expected: String,
+        got: String,
+    },
+
+    #[error("{path}: wrote {got} bytes, object has {expected}")]
+    SizeMismatch {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
+
+    #[error("not enough space in {target}: needs {needs}, has {has}")]
+    NoSpace {
+        target: String,
+        needs: String,
+        has: String,
+    },
+
+    #[error(
+        "{count} keys cannot be written safely (e.g. {examples}); nothing was written. Use --skip-invalid-keys to copy the rest"
+    )]
+    UnsafeKeys { count: usize, examples: String },
+
+    #[error("copying {path}: {source}")]
+    Copy { path: String, source: Box<Error> },
+
     #[error("object store: {0}")]
     Store(#[from] opendal::Error),
 

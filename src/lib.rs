@@ -4,7 +4,8 @@
 //! [`store`] (OpenDAL operator + retries, the only reader of objects) → [`limit`] (byte-rate
 //! limiter paid per chunk inside the store) → [`cache`] (byte-bounded block cache) and
 //! [`prefetch`] (per-handle read-ahead) → [`fs`] (file system logic) → [`fuse`] (kernel
-//! adapter). [`mount`] wires them together for `fillfs mount`.
+//! adapter). [`mount`] wires them together for `fillfs mount`; [`populate`] copies a prefix
+//! onto a volume through the same store and limiter.
 
 pub mod cache;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod fs;
 pub mod fuse;
 pub mod limit;
 pub mod mount;
+pub mod populate;
 pub mod prefetch;
 pub mod store;
 

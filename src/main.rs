@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fillfs::mount::MountOptions;
+use fillfs::populate::{PopulateOptions, ProgressMode};
 use fillfs::store::{SourceUrl, StoreConfig};
 
 #[derive(Parser)]
@@ -32,14 +33,13 @@ struct Cli {
 enum Command {
     /// Mount a bucket prefix read-only at MOUNTPOINT.
     Mount(MountArgs),
+    /// Copy a bucket prefix (or a local directory, e.g. a fillfs mount) into TARGET:
+    /// many transfers in flight, capped, verified, resumable after a crash.
+    Populate(PopulateArgs),
 }
 
 #[derive(Args)]
-struct MountArgs {
-    /// What to mount: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX or file:///DIR.
-    source: String,
-    /// Existing empty directory to mount on.
-    mountpoint: PathBuf,
+struct StoreArgs {
     /// Endpoint URL, e.g. http://127.0.0.1:9000 or oss-cn-hangzhou-internal.aliyuncs.com
     /// (https:// is assumed when no scheme is given). Default: the provider's public endpoint.
     #[arg(long, env = "FILLFS_ENDPOINT")]
@@ -47,6 +47,73 @@ struct MountArgs {
     /// Region, e.g. us-east-1 or cn-hangzhou (oss:// derives its endpoint from it).
     #[arg(long, env = "FILLFS_REGION")]
     region: Option<String>,
+    /// Attempts for a transient store error (5xx, reset, timeout), with exponential backoff
+    /// and jitter, before the read fails.
+    #[arg(long, default_value_t = 5)]
+    retries: usize,
+}
+
+impl StoreArgs {
+    fn config(self, source: &str) -> Result<StoreConfig> {
+        let url = if source.contains("://") {
+            SourceUrl::parse(source)?
+        } else {
+            // A plain path: a local directory (in Kubernetes, the fillfs mount of the bucket).
+            let abs = std::path::absolute(source).with_context(|| format!("source {source}"))?;
+            SourceUrl::parse(&format!("file://{}", abs.display()))?
+        };
+        let mut cfg = StoreConfig::new(url, self.endpoint, self.region);
+        cfg.max_retries = self.retries;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct PopulateArgs {
+    /// What to copy: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, file:///DIR or a local directory.
+    source: String,
+    /// Directory to fill (created if missing; its parent must exist).
+    target: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Cap on bytes read from the store, MiB/s. 0 = unlimited.
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0)]
+    throughput: f64,
+    /// GETs in flight. The default keeps a store with ~20 ms first-byte latency busy.
+    #[arg(long, default_value_t = 64)]
+    jobs: usize,
+    /// Large files are fetched in ranges of this size, concurrently.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    part_size: u64,
+    /// Most data held in memory between fetch and write.
+    #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
+    memory: u64,
+    /// Re-read every written file and check it against the store's checksum.
+    #[arg(long)]
+    verify: bool,
+    /// Progress display: a bar on a terminal, JSON lines on stdout for machines, or none.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+    /// Owner uid of written files and directories. Default: the caller.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Owner gid of written files and directories. Default: the caller's group.
+    #[arg(long)]
+    gid: Option<u32>,
+    /// Copy what can be copied when some keys cannot be written safely (`..`, `//`,
+    /// absolute keys); without it such keys abort the fill before anything is written.
+    #[arg(long)]
+    skip_invalid_keys: bool,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// What to mount: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, file:///DIR or a local directory.
+    source: String,
+    /// Existing empty directory to mount on.
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Cap on bytes read from the store, MiB/s, shared by all files of this mount. 0 = unlimited.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0)]
     throughput: f64,
@@ -68,10 +135,6 @@ struct MountArgs {
     /// Owner gid of all files. Default: the mounting user's group.
     #[arg(long)]
     gid: Option<u32>,
-    /// Attempts for a transient store error (5xx, reset, timeout), with exponential backoff
-    /// and jitter, before a read fails with EIO.
-    #[arg(long, default_value_t = 5)]
-    retries: usize,
     /// Kernel read-ahead per file (how far the kernel reads ahead of a sequential reader,
     /// in FUSE requests of up to 1 MiB). Needs root; 0 keeps the kernel's 128 KiB.
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size_or_zero)]
@@ -115,6 +178,7 @@ fn main() {
     init_logging();
     let result = match cli.command {
         Command::Mount(args) => mount(args),
+        Command::Populate(args) => populate(args),
     };
     if let Err(e) = result {
         eprintln!("fillfs: error: {e:#}");
@@ -122,15 +186,52 @@ fn main() {
     }
 }
 
+fn populate(a: PopulateArgs) -> Result<()> {
+    if !(a.throughput >= 0.0 && a.throughput.is_finite()) {
+        bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
+    }
+    let opts = PopulateOptions {
+        store: a.store.config(&a.source)?,
+        target: a.target,
+        throughput_mib: a.throughput,
+        jobs: a.jobs,
+        part_size: a.part_size,
+        memory: a.memory,
+        verify: a.verify,
+        progress: a.progress,
+        uid: a.uid,
+        gid: a.gid,
+        file_mode: 0o644,
+        dir_mode: 0o755,
+        skip_invalid_keys: a.skip_invalid_keys,
+    };
+    let s = fillfs::populate::run(&opts)?;
+    eprintln!(
+        "fillfs: populated {} files, {} in {:.1} s ({:.1} MiB/s){}{}",
+        s.files,
+        bytesize::ByteSize(s.bytes).display().iec(),
+        s.seconds,
+        s.mib_per_s(),
+        if s.resumed_files > 0 {
+            format!(", {} files kept from an earlier run", s.resumed_files)
+        } else {
+            String::new()
+        },
+        if s.skipped_keys > 0 {
+            format!(", {} unsafe keys skipped", s.skipped_keys)
+        } else {
+            String::new()
+        },
+    );
+    Ok(())
+}
+
 fn mount(a: MountArgs) -> Result<()> {
     if !(a.throughput >= 0.0 && a.throughput.is_finite()) {
         bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
     }
-    let source = SourceUrl::parse(&a.source)?;
-    let mut store = StoreConfig::new(source, a.endpoint, a.region);
-    store.max_retries = a.retries;
     let opts = MountOptions {
-        store,
+        store: a.store.config(&a.source)?,
         mountpoint: a.mountpoint,
         throughput_mib: a.throughput,
         cache_size: a.cache_size,

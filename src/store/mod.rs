@@ -220,12 +220,35 @@ impl Store {
                 }),
                 _ => out.push(Listed::File {
                     name: rel.to_string(),
-                    meta: ObjectMeta {
-                        size: meta.content_length(),
-                        mtime: meta.last_modified().map(SystemTime::from),
-                        etag: meta.etag().or(meta.version()).map(str::to_string),
-                    },
+                    meta: object_meta(meta),
                 }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lists every object under the root, recursively (no delimiter, paginated). Names in
+    /// the result are keys relative to the root; directory markers come back as
+    /// [`Listed::Dir`] so empty directories can be recreated.
+    pub async fn list_recursive(&self) -> Result<Vec<Listed>> {
+        self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
+        let mut lister = self.op.lister_with("/").recursive(true).await?;
+        let mut out = Vec::new();
+        while let Some(entry) = lister.try_next().await? {
+            let rel = entry.path().to_string();
+            if rel.is_empty() || rel == "/" {
+                continue;
+            }
+            let meta = entry.metadata();
+            if meta.mode() == EntryMode::DIR || rel.ends_with('/') {
+                out.push(Listed::Dir {
+                    name: rel.trim_end_matches('/').to_string(),
+                });
+            } else {
+                out.push(Listed::File {
+                    name: rel,
+                    meta: object_meta(meta),
+                });
             }
         }
         Ok(out)
@@ -234,12 +257,7 @@ impl Store {
     /// HEAD of one object.
     pub async fn stat(&self, key: &str) -> Result<ObjectMeta> {
         self.stats.stat_requests.fetch_add(1, Ordering::Relaxed);
-        let meta = self.op.stat(key).await?;
-        Ok(ObjectMeta {
-            size: meta.content_length(),
-            mtime: meta.last_modified().map(SystemTime::from),
-            etag: meta.etag().or(meta.version()).map(str::to_string),
-        })
+        Ok(object_meta(&self.op.stat(key).await?))
     }
 
     /// Reads `range` of `key` with one ranged GET, paying every chunk to the limiters as it
@@ -273,6 +291,14 @@ impl Store {
             });
         }
         Ok(out.freeze())
+    }
+}
+
+fn object_meta(meta: &opendal::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        size: meta.content_length(),
+        mtime: meta.last_modified().map(SystemTime::from),
+        etag: meta.etag().or(meta.version()).map(str::to_string),
     }
 }
 

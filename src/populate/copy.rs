@@ -1,0 +1,256 @@
+//! The copier: one object → one file in the target, with its ranges fetched concurrently
+//! through [`Store::read_range`] (the same door, limiter and retries as the FUSE read path)
+//! and written with positional writes into a preallocated `NAME.fillfs-part` file, renamed
+//! to `NAME` only once complete and checked. Two semaphores bound the work: `requests`
+//! (GETs in flight, `--jobs`) and `memory` (bytes fetched but not yet written).
+//!
+//! Integrity: every file's size; the MD5 of single-part ETags (for one-range files from the
+//! buffer, for larger ones with `--verify` by re-reading what was written); `--verify` also
+//! re-reads small files from disk. A mismatch is retried once, then the fill fails naming
+//! the file. It must not plan (see `plan.rs`) or report (see `progress.rs`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use tokio::sync::Semaphore;
+
+use super::journal::Journal;
+use super::plan::{FileJob, PART_SUFFIX};
+use super::progress::Progress;
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// Semaphore unit for the memory budget.
+const KIB: u64 = 1024;
+
+pub struct Copier {
+    pub store: Store,
+    pub target: PathBuf,
+    pub part_size: u64,
+    pub requests: Arc<Semaphore>,
+    pub memory: Arc<Semaphore>,
+    pub verify: bool,
+    pub file_mode: u32,
+    pub owner: (Option<u32>, Option<u32>),
+    pub progress: Arc<Progress>,
+    pub journal: Arc<Journal>,
+}
+
+/// The MD5 an ETag stands for, when it is a single-part ETag (32 hex digits, no `-N`).
+pub fn etag_md5(etag: Option<&str>) -> Option<String> {
+    let e = etag?.trim_matches('"');
+    (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn md5_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+fn part_path(final_path: &Path) -> PathBuf {
+    let mut name = final_path.file_name().expect("file name").to_os_string();
+    name.push(PART_SUFFIX);
+    final_path.with_file_name(name)
+}
+
+impl Copier {
+    /// Copies one object, retrying once on a checksum mismatch, and records it as done.
+    pub async fn copy_file(self: Arc<Self>, job: FileJob) -> Result<()> {
+        let final_path = self.target.join(&job.rel);
+        let part = part_path(&final_path);
+        let wrap = |e: Error| Error::Copy {
+            path: job.rel.display().to_string(),
+            source: Box::new(e),
+        };
+        let mut result = self.clone().try_copy(&job, &part).await;
+        if let Err(Error::ChecksumMismatch { expected, got, .. }) = &result {
+            tracing::warn!(file = %job.rel.display(), %expected, %got, "checksum mismatch, fetching the file again");
+            result = self.clone().try_copy(&job, &part).await;
+        }
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&part);
+            return Err(wrap(e));
+        }
+        self.finish_file(&job, &part, &final_path).map_err(wrap)?;
+        self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Mode, owner, mtime; then the rename that makes the file look complete; then the
+    /// journal line.
+    fn finish_file(&self, job: &FileJob, part: &Path, final_path: &Path) -> Result<()> {
+        let f = File::options().write(true).open(part)?;
+        f.set_permissions(std::fs::Permissions::from_mode(self.file_mode))?;
+        if let Some(mtime) = job.mtime {
+            f.set_times(
+                std::fs::FileTimes::new()
+                    .set_modified(mtime)
+                    .set_accessed(mtime),
+            )?;
+        }
+        drop(f);
+        if self.owner.0.is_some() || self.owner.1.is_some() {
+            std::os::unix::fs::chown(part, self.owner.0, self.owner.1)?;
+        }
+        std::fs::rename(part, final_path)?;
+        let rel = job.rel.to_string_lossy();
+        self.journal.record(&rel, job.size, job.etag.as_deref())
+    }
+
+    async fn try_copy(self: Arc<Self>, job: &FileJob, part: &Path) -> Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .read(true)
+            .open(part)?;
+        if job.size > 0 {
+            // Reserve the blocks up front (also fails fast with ENOSPC); fall back to a
+            // sparse file where fallocate is not supported.
+            if let Err(e) = nix::fcntl::fallocate(
+                &file,
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                job.size as i64,
+            ) {
+                if e == nix::errno::Errno::ENOSPC {
+                    return Err(std::io::Error::from(e).into());
+                }
+                file.set_len(job.size)?;
+            }
+        }
+        let file = Arc::new(file);
+        let expected_md5 = etag_md5(job.etag.as_deref());
+        let mut written = 0u64;
+        let result: Result<()> = async {
+            if job.size <= self.part_size {
+                let data = self.fetch(&job.key, 0..job.size).await?;
+                if let Some(want) = &expected_md5 {
+                    let got = hex(&Md5::digest(&data));
+                    if &got != want {
+                        return Err(Error::ChecksumMismatch {
+                            path: job.key.clone(),
+                            expected: want.clone(),
+                            got,
+                        });
+                    }
+                }
+                written += self.write_at(&file, data, 0).await?;
+            } else {
+                let ranges: Vec<_> = (0..job.size)
+                    .step_by(self.part_size as usize)
+                    .map(|start| start..(start + self.part_size).min(job.size))
+                    .collect();
+                let mut tasks = tokio::task::JoinSet::new();
+                for r in ranges {
+                    let (me, file, key) = (self.clone(), file.clone(), job.key.clone());
+                    tasks.spawn(async move {
+                        let start = r.start;
+                        let data = me.fetch(&key, r).await?;
+                        me.write_at(&file, data, start).await
+                    });
+                }
+                while let Some(res) = tasks.join_next().await {
+                    written += res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                }
+            }
+            let on_disk = file.metadata()?.len();
+            if written != job.size || on_disk != job.size {
+                return Err(Error::SizeMismatch {
+                    path: job.key.clone(),
+                    expected: job.size,
+                    got: written.min(on_disk),
+                });
+            }
+            if self.verify {
+                let path = part.to_path_buf();
+                let got = tokio::task::spawn_blocking(move || md5_file(&path))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                if let Some(want) = &expected_md5
+                    && &got != want
+                {
+                    return Err(Error::ChecksumMismatch {
+                        path: job.key.clone(),
+                        expected: want.clone(),
+                        got,
+                    });
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.progress
+                .bytes_done
+                .fetch_sub(written, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// One ranged GET, within the request and memory budgets.
+    async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let len = range.end - range.start;
+        let _request = self.requests.acquire().await.expect("semaphore open");
+        let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
+        let mem = self
+            .memory
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("semaphore open");
+        let data = self.store.read_range(key, range).await?;
+        // The memory permit travels with the data until it is written.
+        Ok(BytesWithPermit::attach(data, mem))
+    }
+
+    async fn write_at(&self, file: &Arc<File>, data: Bytes, offset: u64) -> Result<u64> {
+        let file = file.clone();
+        let n = data.len() as u64;
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Ties a memory permit to a buffer: the permit is released when the last reference to
+/// the bytes is dropped (after the write).
+struct BytesWithPermit {
+    data: Bytes,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for BytesWithPermit {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl BytesWithPermit {
+    fn attach(data: Bytes, permit: tokio::sync::OwnedSemaphorePermit) -> Bytes {
+        Bytes::from_owner(BytesWithPermit {
+            data,
+            _permit: permit,
+        })
+    }
+}

@@ -1,0 +1,126 @@
+//! Progress of a fill: counters updated by the copier, and a reporter that shows them —
+//! a one-line status on a terminal (`bar`), one JSON object per line on stdout for machines
+//! (`json`: the volume populator controller reads these), or nothing. It must not copy.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// `bar` when stderr is a terminal, else `none`.
+    Auto,
+    Bar,
+    Json,
+    None,
+}
+
+#[derive(Debug)]
+pub struct Progress {
+    pub bytes_total: u64,
+    pub files_total: u64,
+    pub bytes_done: AtomicU64,
+    pub files_done: AtomicU64,
+    started: Instant,
+}
+
+impl Progress {
+    pub fn new(bytes_total: u64, files_total: u64) -> Self {
+        Progress {
+            bytes_total,
+            files_total,
+            bytes_done: AtomicU64::new(0),
+            files_done: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn snapshot(&self) -> (u64, u64, f64) {
+        let bytes = self.bytes_done.load(Ordering::Relaxed);
+        let files = self.files_done.load(Ordering::Relaxed);
+        let secs = self.elapsed().as_secs_f64().max(1e-9);
+        (bytes, files, bytes as f64 / (1024.0 * 1024.0) / secs)
+    }
+
+    /// One machine-readable line.
+    pub fn json_line(&self, done: bool) -> String {
+        let (bytes, files, rate) = self.snapshot();
+        serde_json::json!({
+            "bytes_done": bytes,
+            "bytes_total": self.bytes_total,
+            "files_done": files,
+            "files_total": self.files_total,
+            "percent": if self.bytes_total == 0 { 100.0 } else { (bytes as f64 * 1000.0 / self.bytes_total as f64).round() / 10.0 },
+            "rate_mib_s": (rate * 10.0).round() / 10.0,
+            "elapsed_s": (self.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "done": done,
+        })
+        .to_string()
+    }
+
+    fn bar_line(&self) -> String {
+        let (bytes, files, rate) = self.snapshot();
+        let pct = if self.bytes_total == 0 {
+            100.0
+        } else {
+            bytes as f64 * 100.0 / self.bytes_total as f64
+        };
+        format!(
+            "{pct:5.1}%  {} / {}  {files}/{} files  {rate:.0} MiB/s",
+            bytesize::ByteSize(bytes).display().iec(),
+            bytesize::ByteSize(self.bytes_total).display().iec(),
+            self.files_total
+        )
+    }
+}
+
+/// Starts the reporter; it stops when the returned handle is aborted (after a final line).
+pub fn spawn_reporter(
+    progress: Arc<Progress>,
+    mode: ProgressMode,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mode = match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::None,
+        m => m,
+    };
+    let period = match mode {
+        ProgressMode::Bar => Duration::from_millis(250),
+        ProgressMode::Json => Duration::from_secs(1),
+        _ => return None,
+    };
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            match mode {
+                ProgressMode::Bar => {
+                    let mut e = std::io::stderr().lock();
+                    let _ = write!(e, "\r{:<78}", progress.bar_line());
+                    let _ = e.flush();
+                }
+                _ => println!("{}", progress.json_line(false)),
+            }
+        }
+    }))
+}
+
+/// Stops the reporter and prints the final state in its format.
+pub fn finish_reporter(
+    handle: Option<tokio::task::JoinHandle<()>>,
+    progress: &Progress,
+    mode: ProgressMode,
+) {
+    if let Some(h) = handle {
+        h.abort();
+        match mode {
+            ProgressMode::Json => println!("{}", progress.json_line(true)),
+            _ => eprintln!("\r{:<78}", progress.bar_line()),
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! `fillfs populate` end to end against the loopback S3 server: real files, real ext4 on a
+//! loop device for the full-volume case, a real SIGKILL for resume.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn populate(emu: &Emulator, prefix: &str, target: &Path, extra: &[&str]) -> Command {
+    let mut cmd = fillfs();
+    cmd.arg("populate")
+        .arg(format!("s3://{BUCKET}/{prefix}"))
+        .arg(target)
+        .args([
+            "--endpoint",
+            &emu.endpoint(),
+            "--region",
+            "us-east-1",
+            "--progress",
+            "none",
+        ])
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    cmd
+}
+
+fn run(mut cmd: Command) -> Output {
+    let out = cmd.output().unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Puts a tree: `n` files of mixed sizes (some multi-part) under `prefix/`.
+fn put_tree(emu: &Emulator, prefix: &str, n: u64) -> Vec<(String, u64, u64)> {
+    let mut files = Vec::new();
+    for i in 0..n {
+        let size = match i % 5 {
+            0 => 0,
+            1 => 1 + i * 13,
+            2 => 64 * 1024,
+            3 => 3 * MIB + i,
+            _ => 21 * MIB + 7 * i, // several 8 MiB parts
+        };
+        let rel = format!("d{}/s{}/file-{i:03}.bin", i % 4, i % 3);
+        emu.put_object(
+            BUCKET,
+            &format!("{prefix}/{rel}"),
+            Bytes::from(pattern(1000 + i, 0, size as usize)),
+        );
+        files.push((rel, 1000 + i, size));
+    }
+    files
+}
+
+fn check_tree(target: &Path, files: &[(String, u64, u64)]) {
+    for (rel, seed, size) in files {
+        let p = target.join(rel);
+        let data = std::fs::read(&p).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(data.len() as u64, *size, "{rel}");
+        assert!(
+            data == pattern(*seed, 0, *size as usize),
+            "{rel}: wrong bytes"
+        );
+    }
+    let mut count = 0;
+    walk(target, &mut |p| {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !name.ends_with(".fillfs-part"),
+            "partial file left: {}",
+            p.display()
+        );
+        count += 1;
+    });
+    assert_eq!(count, files.len(), "unexpected extra files");
+}
+
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { walk(&p, f) } else { f(&p) }
+    }
+}
+
+#[test]
+fn fills_a_nested_tree_byte_for_byte_with_metadata() {
+    let emu = emulator();
+    let files = put_tree(&emu, "tree", 60);
+    emu.put_object(BUCKET, "tree/empty-dir/", Bytes::new());
+    let target = tempfile::tempdir().unwrap();
+    let out = run(populate(
+        &emu,
+        "tree",
+        target.path(),
+        &["--verify", "--jobs", "16"],
+    ));
+    assert!(out.status.success());
+    check_tree(target.path(), &files);
+    assert!(
+        target.path().join("empty-dir").is_dir(),
+        "directory markers become directories"
+    );
+    assert!(
+        !target.path().join(".fillfs-populate.journal").exists(),
+        "journal removed on success"
+    );
+    let meta = std::fs::metadata(target.path().join(&files[3].0)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+    let age = SystemTime::now()
+        .duration_since(meta.modified().unwrap())
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(3600),
+        "mtime comes from Last-Modified (just now)"
+    );
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        summary.contains("populated 61 files") || summary.contains("populated 60 files"),
+        "{summary}"
+    );
+
+    // A second run with the same arguments copies nothing.
+    emu.reset_stats();
+    assert!(
+        run(populate(&emu, "tree", target.path(), &[]))
+            .status
+            .success()
+    );
+    assert_eq!(
+        emu.stats().get_bytes,
+        0,
+        "a finished fill must not fetch again"
+    );
+}
+
+#[test]
+fn killed_fill_resumes_and_ends_byte_identical() {
+    let emu = emulator();
+    let files = put_tree(&emu, "resume", 40);
+    let total: u64 = files.iter().map(|f| f.2).sum();
+    emu.set_bandwidth(Some(8 * MIB)); // per connection: slow enough to kill mid-fill
+    let target = tempfile::tempdir().unwrap();
+    let mut child = populate(&emu, "resume", target.path(), &["--jobs", "4"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = target.path().join(".fillfs-populate.journal");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("done"))
+            .count();
+        if done >= 8 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "fill finished before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "fill made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // Nothing that looks complete is incomplete: every file under its final name is right.
+    walk(target.path(), &mut |p| {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".fillfs-part") || name.starts_with(".fillfs-populate") {
+            return;
+        }
+        let rel = p
+            .strip_prefix(target.path())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (_, seed, size) = files.iter().find(|f| f.0 == rel).unwrap();
+        assert!(
+            std::fs::read(p).unwrap() == pattern(*seed, 0, *size as usize),
+            "{rel} looks complete but is not"
+        );
+    });
+
+    emu.set_bandwidth(None);
+    emu.reset_stats();
+    assert!(
+        run(populate(&emu, "resume", target.path(), &[]))
+            .status
+            .success()
+    );
+    check_tree(target.path(), &files);
+    assert!(!journal.exists());
+    let refetched = emu.stats().get_bytes;
+    assert!(
+        refetched < total,
+        "resume fetched {refetched} of {total} bytes: finished files must be skipped"
+    );
+}
+
+#[test]
+fn hostile_keys_abort_before_writing_or_are_skipped_on_request() {
+    let emu = emulator();
+    for k in [
+        "h/ok/a.txt",
+        "h/../escape",
+        "h/x/../../y",
+        "h//abs",
+        "h/sub/./dot",
+    ] {
+        emu.put_object(BUCKET, k, Bytes::from_static(b"data"));
+    }
+    let outer = tempfile::tempdir().unwrap();
+    let target = outer.path().join("vol");
+    std::fs::create_dir(&target).unwrap();
+    let out = run(populate(&emu, "h", &target, &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be written safely") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing may be written"
+    );
+
+    let out = run(populate(&emu, "h", &target, &["--skip-invalid-keys"]));
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(target.join("ok/a.txt")).unwrap(), b"data");
+    let mut all = Vec::new();
+    walk(outer.path(), &mut |p| all.push(p.to_path_buf()));
+    assert_eq!(
+        all,
+        vec![target.join("ok/a.txt")],
+        "nothing written outside the target"
+    );
+}
+
+#[test]
+fn checksum_mismatch_is_detected_and_names_the_file() {
+    let emu = emulator();
+    emu.put_object(BUCKET, "sum/good", Bytes::from(pattern(1, 0, 100_000)));
+    emu.put_object(BUCKET, "sum/bad", Bytes::from(pattern(2, 0, 100_000)));
+    emu.corrupt_key(BUCKET, "sum/bad");
+    let target = tempfile::tempdir().unwrap();
+    let out = run(populate(&emu, "sum", target.path(), &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert!(
+        !target.path().join("bad").exists(),
+        "a corrupt file must not look complete"
+    );
+    assert!(!target.path().join("bad.fillfs-part").exists());
+}
+
+#[test]
+fn throughput_cap_holds_for_a_fill() {
+    let emu = emulator();
+    for i in 0..4 {
+        emu.put_object(
+            BUCKET,
+            &format!("cap/f{i}"),
+            Bytes::from(pattern(i, 0, 25 * MIB as usize)),
+        );
+    }
+    let target = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    assert!(
+        run(populate(
+            &emu,
+            "cap",
+            target.path(),
+            &["--throughput", "20"]
+        ))
+        .status
+        .success()
+    );
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        (4.5..=5.5).contains(&secs),
+        "100 MiB at 20 MiB/s took {secs:.2}s (ideal 5 s ±10%)"
+    );
+}
+
+#[test]
+fn missing_bucket_fails_with_a_clear_error() {
+    let emu = emulator();
+    let target = tempfile::tempdir().unwrap();
+    let mut cmd = fillfs();
+    cmd.args(["populate", "s3://absent-bucket/x"])
+        .arg(target.path())
+        .args(["--endpoint", &emu.endpoint()])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    let out = run(cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("absent-bucket") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+/// A small ext4 file system on a loop device, torn down on drop.
+struct LoopFs {
+    _img: tempfile::TempDir,
+    dev: String,
+    mnt: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn new(size_mib: u64) -> Option<LoopFs> {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but loop devices are unavailable");
+            }
+            eprintln!("SKIPPED: loop-device tests need root and /dev/loop-control");
+            return None;
+        }
+        let img = tempfile::tempdir().unwrap();
+        let file: PathBuf = img.path().join("fs.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(size_mib * MIB)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", &dev])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let mnt = tempfile::tempdir().unwrap();
+        assert!(
+            Command::new("mount")
+                .arg(&dev)
+                .arg(mnt.path())
+                .status()
+                .unwrap()
+                .success()
+        );
+        Some(LoopFs {
+            _img: img,
+            dev,
+            mnt,
+        })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mnt.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+#[test]
+fn a_fill_that_cannot_fit_fails_before_writing() {
+    let Some(fs) = LoopFs::new(32) else { return };
+    let emu = emulator();
+    for i in 0..4 {
+        emu.put_object(
+            BUCKET,
+            &format!("big/f{i}"),
+            Bytes::from(pattern(i, 0, 12 * MIB as usize)),
+        );
+    }
+    let target = fs.mnt.path().join("vol");
+    std::fs::create_dir(&target).unwrap();
+    emu.reset_stats();
+    let out = run(populate(&emu, "big", &target, &[]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs") && err.contains("has"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    assert_eq!(
+        emu.stats().gets,
+        0,
+        "no data fetched for a fill that cannot fit"
+    );
+}
