@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fillfs::mount::MountOptions;
-use fillfs::populate::{PopulateOptions, ProgressMode};
+use fillfs::populate::{PopulateOptions, ProgressMode, TargetKind};
 use fillfs::store::{SourceUrl, StoreConfig};
 
 #[derive(Parser)]
@@ -100,6 +100,14 @@ struct PopulateArgs {
     /// Owner gid of written files and directories. Default: the caller's group.
     #[arg(long)]
     gid: Option<u32>,
+    /// TARGET is a block device or image file: write the single object SOURCE names into it
+    /// raw (disk images).
+    #[arg(long)]
+    block: bool,
+    /// Format TARGET (a block device or image file) with this file system, mount it on a
+    /// temporary directory and fill it from the prefix SOURCE. Destroys what TARGET held.
+    #[arg(long, value_name = "FS", value_parser = ["ext4"])]
+    mkfs: Option<String>,
     /// Copy what can be copied when some keys cannot be written safely (`..`, `//`,
     /// absolute keys); without it such keys abort the fill before anything is written.
     #[arg(long)]
@@ -204,6 +212,11 @@ fn populate(a: PopulateArgs) -> Result<()> {
         file_mode: 0o644,
         dir_mode: 0o755,
         skip_invalid_keys: a.skip_invalid_keys,
+        target_kind: match (a.block, a.mkfs.is_some()) {
+            (_, true) => TargetKind::Ext4,
+            (true, false) => TargetKind::Raw,
+            (false, false) => TargetKind::Directory,
+        },
     };
     let s = fillfs::populate::run(&opts)?;
     eprintln!(

@@ -316,15 +316,14 @@ fn missing_bucket_fails_with_a_clear_error() {
     );
 }
 
-/// A small ext4 file system on a loop device, torn down on drop.
-struct LoopFs {
+/// A loop device over a sparse image file, detached on drop.
+struct LoopDev {
     _img: tempfile::TempDir,
     dev: String,
-    mnt: tempfile::TempDir,
 }
 
-impl LoopFs {
-    fn new(size_mib: u64) -> Option<LoopFs> {
+impl LoopDev {
+    fn new(size_mib: u64) -> Option<LoopDev> {
         if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("CI=true but loop devices are unavailable");
@@ -349,9 +348,28 @@ impl LoopFs {
             String::from_utf8_lossy(&out.stderr)
         );
         let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        Some(LoopDev { _img: img, dev })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// A small ext4 file system on a loop device, unmounted on drop.
+struct LoopFs {
+    mnt: tempfile::TempDir,
+    _dev: LoopDev,
+}
+
+impl LoopFs {
+    fn new(size_mib: u64) -> Option<LoopFs> {
+        let dev = LoopDev::new(size_mib)?;
         assert!(
             Command::new("mkfs.ext4")
-                .args(["-q", "-F", &dev])
+                .args(["-q", "-F", &dev.dev])
                 .status()
                 .unwrap()
                 .success()
@@ -359,24 +377,19 @@ impl LoopFs {
         let mnt = tempfile::tempdir().unwrap();
         assert!(
             Command::new("mount")
-                .arg(&dev)
+                .arg(&dev.dev)
                 .arg(mnt.path())
                 .status()
                 .unwrap()
                 .success()
         );
-        Some(LoopFs {
-            _img: img,
-            dev,
-            mnt,
-        })
+        Some(LoopFs { mnt, _dev: dev })
     }
 }
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.mnt.path()).status();
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
 
@@ -408,4 +421,83 @@ fn a_fill_that_cannot_fit_fails_before_writing() {
         0,
         "no data fetched for a fill that cannot fit"
     );
+}
+
+#[test]
+fn block_writes_one_object_raw_into_a_loop_device() {
+    let Some(dev) = LoopDev::new(64) else { return };
+    let emu = emulator();
+    let size = 40 * MIB + 4097;
+    emu.put_object(
+        BUCKET,
+        "images/disk.img",
+        Bytes::from(pattern(77, 0, size as usize)),
+    );
+    let out = run(populate(
+        &emu,
+        "images/disk.img",
+        Path::new(&dev.dev),
+        &["--block", "--verify"],
+    ));
+    assert!(out.status.success());
+    let mut f = std::fs::File::open(&dev.dev).unwrap();
+    let mut buf = vec![0u8; size as usize];
+    std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+    assert!(
+        buf == pattern(77, 0, size as usize),
+        "device content differs from the image"
+    );
+
+    // An image larger than the device fails before writing, naming both sizes.
+    emu.put_object(
+        BUCKET,
+        "images/huge.img",
+        Bytes::from(vec![1u8; 65 * MIB as usize]),
+    );
+    emu.reset_stats();
+    let out = run(populate(
+        &emu,
+        "images/huge.img",
+        Path::new(&dev.dev),
+        &["--block"],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs") && err.contains("has"), "{err}");
+    assert_eq!(emu.stats().gets, 0);
+}
+
+#[test]
+fn mkfs_ext4_formats_a_loop_device_and_fills_it() {
+    let Some(dev) = LoopDev::new(256) else { return };
+    let emu = emulator();
+    let files = put_tree(&emu, "fs", 20);
+    let out = run(populate(
+        &emu,
+        "fs",
+        Path::new(&dev.dev),
+        &["--mkfs", "ext4"],
+    ));
+    assert!(out.status.success());
+    let mnt = tempfile::tempdir().unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(&dev.dev)
+            .arg(mnt.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let lost_found = mnt.path().join("lost+found");
+    let check = std::panic::catch_unwind(|| {
+        assert!(lost_found.is_dir(), "a fresh ext4 file system");
+        for (rel, seed, size) in &files {
+            let data = std::fs::read(mnt.path().join(rel)).unwrap();
+            assert!(data == pattern(*seed, 0, *size as usize), "{rel}");
+        }
+        assert!(!mnt.path().join(".fillfs-populate.journal").exists());
+    });
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    check.unwrap();
 }

@@ -29,12 +29,50 @@ use crate::store::Store;
 /// Semaphore unit for the memory budget.
 const KIB: u64 = 1024;
 
-pub struct Copier {
+/// Ranged GETs within two budgets: requests in flight and bytes held in memory.
+pub struct Fetcher {
     pub store: Store,
+    pub requests: Semaphore,
+    pub memory: Arc<Semaphore>,
+}
+
+impl Fetcher {
+    pub fn new(store: Store, jobs: usize, memory: u64) -> Self {
+        let units = (memory / KIB).min(Semaphore::MAX_PERMITS as u64) as usize;
+        Fetcher {
+            store,
+            requests: Semaphore::new(jobs),
+            memory: Arc::new(Semaphore::new(units)),
+        }
+    }
+
+    /// One ranged GET. The returned bytes carry their memory permit until dropped.
+    pub async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let len = range.end - range.start;
+        let _request = self.requests.acquire().await.expect("semaphore open");
+        let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
+        let mem = self
+            .memory
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("semaphore open");
+        let data = self.store.read_range(key, range).await?;
+        Ok(BytesWithPermit::attach(data, mem))
+    }
+}
+
+/// `0..size` cut into consecutive ranges of at most `part` bytes.
+pub fn split_ranges(size: u64, part: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+    (0..size)
+        .step_by(part as usize)
+        .map(move |start| start..(start + part).min(size))
+}
+
+pub struct Copier {
+    pub fetcher: Fetcher,
     pub target: PathBuf,
     pub part_size: u64,
-    pub requests: Arc<Semaphore>,
-    pub memory: Arc<Semaphore>,
     pub verify: bool,
     pub file_mode: u32,
     pub owner: (Option<u32>, Option<u32>),
@@ -48,12 +86,13 @@ pub fn etag_md5(etag: Option<&str>) -> Option<String> {
     (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
 }
 
-fn hex(d: &[u8]) -> String {
+pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn md5_file(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
+/// MD5 of the first `len` bytes of `path` (a file, or a block device holding an image).
+pub fn md5_file(path: &Path, len: u64) -> std::io::Result<String> {
+    let mut f = File::open(path)?.take(len);
     let mut h = Md5::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -142,7 +181,7 @@ impl Copier {
         let mut written = 0u64;
         let result: Result<()> = async {
             if job.size <= self.part_size {
-                let data = self.fetch(&job.key, 0..job.size).await?;
+                let data = self.fetcher.fetch(&job.key, 0..job.size).await?;
                 if let Some(want) = &expected_md5 {
                     let got = hex(&Md5::digest(&data));
                     if &got != want {
@@ -155,16 +194,12 @@ impl Copier {
                 }
                 written += self.write_at(&file, data, 0).await?;
             } else {
-                let ranges: Vec<_> = (0..job.size)
-                    .step_by(self.part_size as usize)
-                    .map(|start| start..(start + self.part_size).min(job.size))
-                    .collect();
                 let mut tasks = tokio::task::JoinSet::new();
-                for r in ranges {
+                for r in split_ranges(job.size, self.part_size) {
                     let (me, file, key) = (self.clone(), file.clone(), job.key.clone());
                     tasks.spawn(async move {
                         let start = r.start;
-                        let data = me.fetch(&key, r).await?;
+                        let data = me.fetcher.fetch(&key, r).await?;
                         me.write_at(&file, data, start).await
                     });
                 }
@@ -182,7 +217,8 @@ impl Copier {
             }
             if self.verify {
                 let path = part.to_path_buf();
-                let got = tokio::task::spawn_blocking(move || md5_file(&path))
+                let len = job.size;
+                let got = tokio::task::spawn_blocking(move || md5_file(&path, len))
                     .await
                     .map_err(|e| Error::Io(std::io::Error::other(e)))??;
                 if let Some(want) = &expected_md5
@@ -204,22 +240,6 @@ impl Copier {
                 .fetch_sub(written, Ordering::Relaxed);
         }
         result
-    }
-
-    /// One ranged GET, within the request and memory budgets.
-    async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
-        let len = range.end - range.start;
-        let _request = self.requests.acquire().await.expect("semaphore open");
-        let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
-        let mem = self
-            .memory
-            .clone()
-            .acquire_many_owned(units)
-            .await
-            .expect("semaphore open");
-        let data = self.store.read_range(key, range).await?;
-        // The memory permit travels with the data until it is written.
-        Ok(BytesWithPermit::attach(data, mem))
     }
 
     async fn write_at(&self, file: &Arc<File>, data: Bytes, offset: u64) -> Result<u64> {

@@ -7,6 +7,7 @@
 //! the directories, and copy files with up to `--jobs` GETs in flight (`copy.rs`), while
 //! `progress.rs` reports. On success the journal is removed and the file system synced.
 
+pub mod block;
 pub mod copy;
 pub mod journal;
 pub mod plan;
@@ -17,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::limit::RateLimiter;
@@ -43,6 +43,19 @@ pub struct PopulateOptions {
     pub file_mode: u32,
     pub dir_mode: u32,
     pub skip_invalid_keys: bool,
+    /// What `target` is.
+    pub target_kind: TargetKind,
+}
+
+/// Where a fill goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A directory (a filesystem-mode volume).
+    Directory,
+    /// A block device or image file receiving one object raw (`--block`).
+    Raw,
+    /// A block device or image file formatted as ext4 and filled (`--mkfs ext4`).
+    Ext4,
 }
 
 /// What a fill did.
@@ -90,7 +103,13 @@ pub fn run(opts: &PopulateOptions) -> Result<Summary> {
         .enable_all()
         .thread_name("fillfs-populate")
         .build()?;
-    rt.block_on(populate(opts))
+    rt.block_on(async {
+        match opts.target_kind {
+            TargetKind::Directory => populate(opts).await,
+            TargetKind::Raw => block::fill_raw(opts).await,
+            TargetKind::Ext4 => block::fill_mkfs(opts).await,
+        }
+    })
 }
 
 pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
@@ -187,13 +206,9 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     let todo_bytes: u64 = todo.iter().map(|f| f.size).sum();
     let progress = Arc::new(progress::Progress::new(todo_bytes, todo.len() as u64));
     let copier = Arc::new(copy::Copier {
-        store: store.clone(),
+        fetcher: copy::Fetcher::new(store.clone(), opts.jobs, opts.memory),
         target: target.clone(),
         part_size: opts.part_size,
-        requests: Arc::new(Semaphore::new(opts.jobs)),
-        memory: Arc::new(Semaphore::new(
-            (opts.memory / 1024).min(Semaphore::MAX_PERMITS as u64) as usize,
-        )),
         verify: opts.verify,
         file_mode: opts.file_mode,
         owner: (opts.uid, opts.gid),

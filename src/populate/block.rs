@@ -1,0 +1,197 @@
+//! Block targets. `--block`: one object (a disk image) written raw into a block device or
+//! image file, its ranges fetched concurrently and written in place, then fsync'ed.
+//! `--mkfs ext4`: a prefix copied into a block device by formatting it, mounting it on a
+//! temporary directory, running the directory fill, and unmounting (always).
+//! It must not plan directory fills itself; it calls [`super::populate`] for that.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::copy::{Fetcher, etag_md5, md5_file, split_ranges};
+use super::progress::{self, Progress};
+use super::{PopulateOptions, Summary, iec};
+use crate::error::{Error, Result};
+use crate::limit::RateLimiter;
+use crate::store::{Scheme, SourceUrl, Store};
+
+/// `s3://b/images/disk.img` parses as prefix `images/disk.img/`; for `--block` that names
+/// object `disk.img` under `images/`.
+fn split_object(src: &SourceUrl) -> Result<(SourceUrl, String)> {
+    let trimmed = src.prefix.trim_end_matches('/');
+    let (parent, name) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    if name.is_empty() || (src.scheme == Scheme::File && parent.is_empty()) {
+        return Err(Error::InvalidOption(format!(
+            "--block needs SOURCE to name one object (e.g. s3://bucket/images/disk.img), got {src}"
+        )));
+    }
+    let mut parent_url = src.clone();
+    parent_url.prefix = if parent.is_empty() {
+        String::new()
+    } else {
+        format!("{parent}/")
+    };
+    Ok((parent_url, name.to_string()))
+}
+
+/// Writes one object raw into `opts.target` (block device or image file).
+pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
+    let (parent, key) = split_object(&opts.store.source)?;
+    let mut cfg = opts.store.clone();
+    cfg.source = parent;
+    let limiters = if opts.throughput_mib > 0.0 {
+        vec![Arc::new(RateLimiter::new_mib(opts.throughput_mib))]
+    } else {
+        vec![]
+    };
+    let store = Store::new(&cfg, limiters)?;
+    store.preflight().await?;
+    let meta = store.stat(&key).await.map_err(|e| {
+        if e.is_not_found() {
+            Error::InvalidOption(format!(
+                "object {key:?} not found under {}; --block copies one object (use --mkfs ext4 to copy a prefix)",
+                cfg.source
+            ))
+        } else {
+            e
+        }
+    })?;
+    let target = &opts.target;
+    let is_device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!is_device)
+        .truncate(false)
+        .open(target)?;
+    if is_device {
+        let capacity = file.seek(SeekFrom::End(0))?;
+        if capacity < meta.size {
+            return Err(Error::NoSpace {
+                target: target.display().to_string(),
+                needs: iec(meta.size),
+                has: iec(capacity),
+            });
+        }
+    } else if file.metadata()?.len() < meta.size {
+        file.set_len(meta.size)?;
+    }
+    tracing::info!(object = %key, size = %iec(meta.size), target = %target.display(), device = is_device, "writing image");
+    let file = Arc::new(file);
+    let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory));
+    let progress = Arc::new(Progress::new(meta.size, 1));
+    let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in split_ranges(meta.size, opts.part_size) {
+        let (fetcher, file, key, progress) =
+            (fetcher.clone(), file.clone(), key.clone(), progress.clone());
+        tasks.spawn(async move {
+            let start = r.start;
+            let data = fetcher.fetch(&key, r).await?;
+            let n = data.len() as u64;
+            tokio::task::spawn_blocking(move || file.write_all_at(&data, start))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+            Ok::<_, Error>(())
+        });
+    }
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r
+            .map_err(|e| Error::Io(std::io::Error::other(e)))
+            .and_then(|r| r)
+        {
+            tasks.abort_all();
+            result = Err(e);
+        }
+    }
+    progress::finish_reporter(reporter, &progress, opts.progress);
+    result?;
+    file.sync_all()?;
+    if opts.verify {
+        match etag_md5(meta.etag.as_deref()) {
+            Some(want) => {
+                let (path, len) = (target.clone(), meta.size);
+                let got = tokio::task::spawn_blocking(move || md5_file(&path, len))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                if got != want {
+                    return Err(Error::ChecksumMismatch {
+                        path: key,
+                        expected: want,
+                        got,
+                    });
+                }
+            }
+            None => {
+                tracing::warn!(object = %key, "the store gives no single-part MD5 for this object; --verify checked sizes only")
+            }
+        }
+    }
+    progress.files_done.fetch_add(1, Ordering::Relaxed);
+    Ok(Summary {
+        files: 1,
+        bytes: progress.bytes_done.load(Ordering::Relaxed),
+        resumed_files: 0,
+        skipped_keys: 0,
+        seconds: progress.elapsed().as_secs_f64(),
+    })
+}
+
+fn run_tool(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::InvalidOption(format!("{cmd:?}: {e} (is it installed?)")))?;
+    if !out.status.success() {
+        return Err(Error::InvalidOption(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Formats `opts.target` as ext4 (unless it holds an unfinished fillfs fill, which is then
+/// resumed), mounts it, fills it from the prefix, unmounts.
+pub async fn fill_mkfs(opts: &PopulateOptions) -> Result<Summary> {
+    let device = &opts.target;
+    let meta = std::fs::metadata(device)
+        .map_err(|e| Error::InvalidOption(format!("--mkfs target {}: {e}", device.display())))?;
+    let loop_opt = if meta.file_type().is_block_device() {
+        None
+    } else {
+        Some("loop")
+    };
+    let mnt = tempfile::Builder::new().prefix("fillfs-mkfs-").tempdir()?;
+    let mount = |dir: &Path| {
+        let mut c = Command::new("mount");
+        if let Some(o) = loop_opt {
+            c.args(["-o", o]);
+        }
+        run_tool(c.arg(device).arg(dir))
+    };
+    let resumable = mount(mnt.path()).is_ok() && {
+        let found = mnt.path().join(super::journal::JOURNAL_NAME).exists();
+        let _ = run_tool(Command::new("umount").arg(mnt.path()));
+        found
+    };
+    if resumable {
+        tracing::info!(device = %device.display(), "resuming an unfinished fill on the existing file system");
+    } else {
+        tracing::info!(device = %device.display(), "formatting ext4");
+        run_tool(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(device))?;
+    }
+    mount(mnt.path())?;
+    let mut inner = opts.clone();
+    inner.target = mnt.path().to_path_buf();
+    let result = super::populate(&inner).await;
+    let unmounted = run_tool(Command::new("umount").arg(mnt.path()));
+    let summary = result?;
+    unmounted?;
+    Ok(summary)
+}
