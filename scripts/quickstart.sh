@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (file://, no cloud account): builds fillfs, makes
-# sample data, mounts it through the object-store layer, reads it back, unmounts.
+# sample data, fills a directory from it (fillfs populate), checks it, then mounts the same
+# data through the object-store layer and reads it back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +15,12 @@ mkdir -p "$src/images" "$src/logs/2026" "$mnt"
 head -c $((256 * 1024 * 1024)) /dev/urandom > "$src/images/disk.img"
 for i in $(seq 1 100); do echo "log line $i" > "$src/logs/2026/day-$i.log"; done
 
-$bin mount "file://$src" "$mnt" --daemon --throughput 0
 trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+echo "== fillfs populate file://$src $work/volume"
+$bin populate "file://$src" "$work/volume" --verify
+diff -r "$src" "$work/volume" && echo "== the filled volume is identical to the source"
+
+$bin mount "file://$src" "$mnt" --daemon
 echo "== mounted file://$src at $mnt"
 ls -l "$mnt" "$mnt/images"
 start=$(date +%s.%N)
