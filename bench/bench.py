@@ -237,7 +237,7 @@ def fio_suite(name, files, work):
         jobs.append(("seq read 1M, 1 job", lambda m: ["--name=seq1", f"--filename={m}/{bigs[0]}", "--rw=read", "--bs=1M", "--readonly"]))
         if len(bigs) >= 4:
             jobs.append(("seq read 1M, 4 jobs", lambda m: sum(([f"--name=seq4-{i}", f"--filename={m}/{b}", "--rw=read", "--bs=1M", "--readonly"] for i, b in enumerate(bigs)), [])))
-        jobs.append(("rand read 256K", lambda m: ["--name=rand", f"--filename={m}/{bigs[-1]}", "--rw=randread", "--bs=256k", "--readonly", "--time_based"]))
+        jobs.append(("rand read 256K", lambda m: ["--name=rand", f"--filename={m}/{bigs[-1]}", "--rw=randread", "--bs=256k", "--readonly", "--time_based", "--runtime=20"]))
     else:
         jobs.append(("many small files", lambda m: ["--name=small", f"--opendir={m}", "--rw=read", "--bs=64k", "--readonly", "--openfiles=16"]))
     for kind in ["fillfs", "rclone", "s3fs"]:

@@ -51,6 +51,16 @@ impl RateLimiter {
         Self::new_bytes(0)
     }
 
+    /// The limiters for a `--throughput` of `mib_per_s` (none when 0), ready for
+    /// [`crate::store::Store::new`].
+    pub fn for_throughput(mib_per_s: f64) -> Vec<std::sync::Arc<RateLimiter>> {
+        if mib_per_s > 0.0 {
+            vec![std::sync::Arc::new(Self::new_mib(mib_per_s))]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The configured rate in bytes per second, `None` when unlimited.
     pub fn bytes_per_sec(&self) -> Option<u64> {
         self.bytes_per_sec.map(|r| r as u64)

@@ -77,7 +77,7 @@ struct PopulateArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Cap on bytes read from the store, MiB/s. 0 = unlimited.
-    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0)]
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0, value_parser = parse_throughput)]
     throughput: f64,
     /// GETs in flight. The default keeps a store with ~20 ms first-byte latency busy.
     #[arg(long, default_value_t = 64)]
@@ -123,7 +123,7 @@ struct MountArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Cap on bytes read from the store, MiB/s, shared by all files of this mount. 0 = unlimited.
-    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0)]
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0, value_parser = parse_throughput)]
     throughput: f64,
     /// All memory for cached and read-ahead data (half each), e.g. 512MiB, 2GiB.
     #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
@@ -166,6 +166,15 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(size.as_u64())
 }
 
+fn parse_throughput(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of MiB/s >= 0 (0 = unlimited)"
+        )),
+    }
+}
+
 fn parse_size_or_zero(s: &str) -> std::result::Result<u64, String> {
     if s == "0" { Ok(0) } else { parse_size(s) }
 }
@@ -195,9 +204,6 @@ fn main() {
 }
 
 fn populate(a: PopulateArgs) -> Result<()> {
-    if !(a.throughput >= 0.0 && a.throughput.is_finite()) {
-        bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
-    }
     let opts = PopulateOptions {
         store: a.store.config(&a.source)?,
         target: a.target,
@@ -240,9 +246,6 @@ fn populate(a: PopulateArgs) -> Result<()> {
 }
 
 fn mount(a: MountArgs) -> Result<()> {
-    if !(a.throughput >= 0.0 && a.throughput.is_finite()) {
-        bail!("--throughput must be a number of MiB/s >= 0 (0 = unlimited)");
-    }
     let opts = MountOptions {
         store: a.store.config(&a.source)?,
         mountpoint: a.mountpoint,

@@ -49,11 +49,7 @@ pub fn split_cache_size(cache_size: u64, block_size: u64) -> Result<(u64, u64)> 
 /// Builds the file system for `opts` (no mount yet). Must run inside a tokio runtime.
 pub fn build_fs(opts: &MountOptions) -> Result<Arc<Fs>> {
     let (cache_bytes, budget_bytes) = split_cache_size(opts.cache_size, opts.block_size)?;
-    let limiters = if opts.throughput_mib > 0.0 {
-        vec![Arc::new(RateLimiter::new_mib(opts.throughput_mib))]
-    } else {
-        Vec::new()
-    };
+    let limiters = RateLimiter::for_throughput(opts.throughput_mib);
     let store = Store::new(&opts.store, limiters)?;
     let cache = BlockCache::new(cache_bytes, opts.block_size);
     let budget = PrefetchBudget::new(budget_bytes);

@@ -43,11 +43,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     let (parent, key) = split_object(&opts.store.source)?;
     let mut cfg = opts.store.clone();
     cfg.source = parent;
-    let limiters = if opts.throughput_mib > 0.0 {
-        vec![Arc::new(RateLimiter::new_mib(opts.throughput_mib))]
-    } else {
-        vec![]
-    };
+    let limiters = RateLimiter::for_throughput(opts.throughput_mib);
     let store = Store::new(&cfg, limiters)?;
     store.preflight().await?;
     let meta = store.stat(&key).await.map_err(|e| {

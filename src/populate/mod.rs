@@ -118,11 +118,7 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
             "--jobs and --part-size must be positive and --memory at least one part".into(),
         ));
     }
-    let limiters = if opts.throughput_mib > 0.0 {
-        vec![Arc::new(RateLimiter::new_mib(opts.throughput_mib))]
-    } else {
-        vec![]
-    };
+    let limiters = RateLimiter::for_throughput(opts.throughput_mib);
     let store = Store::new(&opts.store, limiters)?;
     store.preflight().await?;
     let target = &opts.target;
