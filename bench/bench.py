@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,7 +83,8 @@ class Target:
         sh("mount", self.dev, self.mnt)
 
     def close(self):
-        sh("umount", self.mnt, check=False)
+        if sh("umount", self.mnt, check=False, stderr=subprocess.DEVNULL).returncode:
+            sh("umount", "-l", self.mnt, check=False)
         sh("losetup", "-d", self.dev, check=False)
         self.img.unlink(missing_ok=True)
 
@@ -116,19 +118,25 @@ def proc_usage(pid):
 
 
 def timed(cmd, timeout, environ=None):
+    """Runs cmd under /usr/bin/time in its own process group; on timeout the whole group
+    (time, the runner and its children) is killed so nothing keeps the target busy."""
     out = Path("/tmp/fillfs-bench-time")
+    out.unlink(missing_ok=True)
     t0 = time.monotonic()
+    p = subprocess.Popen(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(out)] + [str(c) for c in cmd],
+                         env=environ or env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        r = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(out)] + [str(c) for c in cmd],
-                           env=environ or env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           timeout=timeout)
-        wall, user, sys_, rss = out.read_text().split()[-4:]
-        res = dict(wall=float(wall), cpu=float(user) + float(sys_), rss_kib=int(rss), ok=r.returncode == 0)
-        if r.returncode:
-            res["error"] = r.stderr.strip().splitlines()[-1:] if r.stderr else ["exit %d" % r.returncode]
-        return res
+        _, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
         return dict(wall=time.monotonic() - t0, cpu=0.0, rss_kib=0, ok=False, error=[f"timeout after {timeout}s"])
+    wall, user, sys_, rss = out.read_text().split()[-4:]
+    res = dict(wall=float(wall), cpu=float(user) + float(sys_), rss_kib=int(rss), ok=p.returncode == 0)
+    if p.returncode:
+        res["error"] = err.strip().splitlines()[-1:] if err else ["exit %d" % p.returncode]
+    return res
 
 
 def wait_mounted(mnt, proc, timeout=30):

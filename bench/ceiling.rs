@@ -19,8 +19,8 @@ struct Args {
     endpoint: Option<String>,
     #[arg(long, default_value = "us-east-1")]
     region: String,
-    /// GETs in flight.
-    #[arg(long, default_value_t = 64)]
+    /// GETs in flight (as `fillfs populate`'s default).
+    #[arg(long, default_value_t = 256)]
     jobs: usize,
     /// Range size in MiB.
     #[arg(long, default_value_t = 8)]

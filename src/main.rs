@@ -79,8 +79,9 @@ struct PopulateArgs {
     /// Cap on bytes read from the store, MiB/s. 0 = unlimited.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0, value_parser = parse_throughput)]
     throughput: f64,
-    /// GETs in flight. The default keeps a store with ~20 ms first-byte latency busy.
-    #[arg(long, default_value_t = 64)]
+    /// GETs in flight. Small files need many to hide first-byte latency (256 keeps a store
+    /// with ~20 ms latency busy); large ranges are bounded by --memory as well.
+    #[arg(long, default_value_t = 256)]
     jobs: usize,
     /// Large files are fetched in ranges of this size, concurrently.
     #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
@@ -91,6 +92,10 @@ struct PopulateArgs {
     /// Re-read every written file and check it against the store's checksum.
     #[arg(long)]
     verify: bool,
+    /// Flush the target file system (syncfs) before reporting success. Unmounting the
+    /// volume flushes it too, which is what happens after a fill in Kubernetes.
+    #[arg(long)]
+    fsync: bool,
     /// Progress display: a bar on a terminal, JSON lines on stdout for machines, or none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -191,6 +196,7 @@ fn init_logging() {
 
 fn main() {
     pin_large_allocations_to_mmap();
+    raise_open_file_limit();
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
@@ -218,6 +224,7 @@ fn populate(a: PopulateArgs) -> Result<()> {
         file_mode: 0o644,
         dir_mode: 0o755,
         skip_invalid_keys: a.skip_invalid_keys,
+        fsync: a.fsync,
         target_kind: match (a.block, a.mkfs.is_some()) {
             (_, true) => TargetKind::Ext4,
             (true, false) => TargetKind::Raw,
@@ -317,6 +324,15 @@ fn pin_large_allocations_to_mmap() {
     // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}
+
+/// Hundreds of transfers in flight each hold a socket and a file: lift the soft limit on
+/// open files to the hard limit (commonly 1024 → 524288).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 

@@ -267,6 +267,7 @@ fn throughput_cap_is_accurate_and_shared() {
 
     // One reader, 200 MiB at 20 MiB/s: 10 s ideal.
     let secs = timed_read(&m.path().join("one"));
+    eprintln!("MEASURED 200 MiB through the mount at --throughput 20: {secs:.2}s (ideal 10 s)");
     assert!(
         (9.0..=11.0).contains(&secs),
         "200 MiB at 20 MiB/s took {secs:.2}s (ideal 10 s ±10%)"
@@ -280,6 +281,9 @@ fn throughput_cap_is_accurate_and_shared() {
         (a.join().unwrap(), b.join().unwrap())
     });
     let total = start.elapsed().as_secs_f64();
+    eprintln!(
+        "MEASURED 2 readers x 100 MiB at --throughput 20: {total:.2}s total, {a:.2}s and {b:.2}s each"
+    );
     assert!(
         (9.0..=11.0).contains(&total),
         "2 × 100 MiB at 20 MiB/s took {total:.2}s"

@@ -291,6 +291,7 @@ fn throughput_cap_holds_for_a_fill() {
         .success()
     );
     let secs = start.elapsed().as_secs_f64();
+    eprintln!("MEASURED populate of 100 MiB at --throughput 20: {secs:.2}s (ideal 5 s)");
     assert!(
         (4.5..=5.5).contains(&secs),
         "100 MiB at 20 MiB/s took {secs:.2}s (ideal 5 s ±10%)"

@@ -43,6 +43,10 @@ pub struct PopulateOptions {
     pub file_mode: u32,
     pub dir_mode: u32,
     pub skip_invalid_keys: bool,
+    /// Flush the target file system before reporting success. Off by default: the fill's
+    /// consumer unmounts the volume (which flushes) before using it, and the journal
+    /// already makes a crashed fill resumable.
+    pub fsync: bool,
     /// What `target` is.
     pub target_kind: TargetKind,
 }
@@ -220,8 +224,10 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     progress::finish_reporter(reporter, &progress, opts.progress);
     result?;
 
-    let dir = std::fs::File::open(target)?;
-    nix::unistd::syncfs(&dir).map_err(std::io::Error::from)?;
+    if opts.fsync {
+        let dir = std::fs::File::open(target)?;
+        nix::unistd::syncfs(&dir).map_err(std::io::Error::from)?;
+    }
     drop(copier);
     Arc::try_unwrap(journal)
         .ok()

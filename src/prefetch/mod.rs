@@ -142,8 +142,9 @@ impl Prefetcher {
         let first = offset / bs;
         let last = (end - 1) / bs;
 
-        let sequential =
-            offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs;
+        // A handle's first read starts a stream wherever it lands (range readers, tail).
+        let sequential = self.last_block.is_none()
+            || (offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs);
         if !sequential {
             self.cancel_all();
             self.window = INITIAL_WINDOW.min(self.max_window);
