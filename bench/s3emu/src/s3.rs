@@ -70,6 +70,28 @@ fn custom_error(code: &'static str, status: StatusCode, msg: &'static str) -> S3
 }
 
 /// Read a request body fully (a single chunk is kept as is, without copying).
+/// The body of a PUT or UploadPart into an existing bucket, checked against Content-Length.
+async fn receive_body(
+    s: &Shared,
+    bucket: &str,
+    body: Option<StreamingBlob>,
+    content_length: Option<i64>,
+) -> S3Result<Bytes> {
+    if !s.store.bucket_exists(bucket) {
+        return Err(s3_error!(NoSuchBucket));
+    }
+    let data = collect_body(body).await?;
+    if let Some(n) = content_length
+        && u64::try_from(n).ok() != Some(data.len() as u64)
+    {
+        return Err(s3_error!(
+            IncompleteBody,
+            "You did not provide the number of bytes specified by the Content-Length HTTP header."
+        ));
+    }
+    Ok(data)
+}
+
 async fn collect_body(body: Option<StreamingBlob>) -> S3Result<Bytes> {
     let Some(mut body) = body else {
         return Ok(Bytes::new());
@@ -406,19 +428,8 @@ impl S3 for Emu {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let s = self.s();
         Counters::add(&s.counters.puts, 1);
-        let input = req.input;
-        if !s.store.bucket_exists(&input.bucket) {
-            return Err(s3_error!(NoSuchBucket));
-        }
-        let data = collect_body(input.body).await?;
-        if let Some(n) = input.content_length
-            && u64::try_from(n).ok() != Some(data.len() as u64)
-        {
-            return Err(s3_error!(
-                IncompleteBody,
-                "You did not provide the number of bytes specified by the Content-Length HTTP header."
-            ));
-        }
+        let mut input = req.input;
+        let data = receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
         let md5 = store::md5_of(&data);
         check_content_md5(input.content_md5.as_deref(), &md5)?;
         let obj = Object::with_md5(data, md5, input.content_type, input.metadata);
@@ -749,19 +760,8 @@ impl S3 for Emu {
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let s = self.s();
         Counters::add(&s.counters.puts, 1);
-        let input = req.input;
-        if !s.store.bucket_exists(&input.bucket) {
-            return Err(s3_error!(NoSuchBucket));
-        }
-        let data = collect_body(input.body).await?;
-        if let Some(n) = input.content_length
-            && u64::try_from(n).ok() != Some(data.len() as u64)
-        {
-            return Err(s3_error!(
-                IncompleteBody,
-                "You did not provide the number of bytes specified by the Content-Length HTTP header."
-            ));
-        }
+        let mut input = req.input;
+        let data = receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
         if input.content_md5.is_some() {
             check_content_md5(input.content_md5.as_deref(), &store::md5_of(&data))?;
         }
