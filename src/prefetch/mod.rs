@@ -1,9 +1,9 @@
 //! Read-ahead for one open file handle.
 //!
 //! How it works. Each open handle owns a [`Prefetcher`]. On every read it classifies the
-//! access: *sequential* when the offset lands near where the previous read ended (within one
-//! block behind or the current window ahead — the kernel's own readahead delivers reads
-//! slightly out of order), *random* otherwise. A random read cancels all read-ahead of the
+//! access: *sequential* when it is the handle's first read, or when the offset lands near
+//! where the previous read ended (within one block behind or the current window ahead — the
+//! kernel's own readahead delivers reads slightly out of order), *random* otherwise. A random read cancels all read-ahead of the
 //! handle (the tasks are aborted, their memory released) and resets the window. A sequential
 //! read that crosses into a new block doubles the window, up to `max_window` blocks, and the
 //! prefetcher keeps `window` blocks past the reader in flight, each one ranged GET through
