@@ -122,12 +122,12 @@ impl BlockCache {
             index,
         };
         let range = self.block_range(obj, index);
-        let fetched = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = fetched.clone();
+        // Set only when this caller's init ran, i.e. the block was fetched for us.
+        let fetched = std::sync::atomic::AtomicBool::new(false);
         let data = self
             .blocks
-            .try_get_with(key, async move {
-                flag.store(true, Ordering::Relaxed);
+            .try_get_with(key, async {
+                fetched.store(true, Ordering::Relaxed);
                 store.read_range(&obj.id.key, range).await
             })
             .await?;
