@@ -8,6 +8,7 @@
 //! onto a volume through the same store and limiter.
 
 pub mod cache;
+pub mod csi;
 pub mod error;
 pub mod fs;
 pub mod fuse;

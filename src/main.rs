@@ -36,6 +36,52 @@ enum Command {
     /// Copy a bucket prefix (or a local directory, e.g. a fillfs mount) into TARGET:
     /// many transfers in flight, capped, verified, resumable after a crash.
     Populate(PopulateArgs),
+    /// Run the CSI node plugin: serve every fillfs volume of this node from one process,
+    /// with a node-wide bandwidth cap and one shared cache.
+    Csi(CsiArgs),
+}
+
+#[derive(Args)]
+#[command(
+    long_about = "Runs the CSI v1 Identity and Node services on a unix socket, as kubelet expects of a node plugin \
+                  (deploy/ has the CSIDriver and DaemonSet). Volumes are CSI ephemeral inline volumes or static PVs \
+                  whose volumeAttributes name the source: url (s3://, oss://, file://) or bucket + path + protocol, \
+                  plus endpoint, region, throughput (MiB/s), metadataTTL, and roleArn + oidcProviderArn for RRSA. \
+                  Access keys come from the node-publish secret (akId / akSecret), never from this process.\n\n\
+                  Mounts left by a previous run are cleared at start; pods using them must be restarted."
+)]
+struct CsiArgs {
+    /// gRPC endpoint: unix:///PATH (kubelet's plugin socket).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: String,
+    /// This node's name, as Kubernetes knows it.
+    #[arg(long, env = "NODE_NAME")]
+    node_id: String,
+    /// MiB/s for the sum of all volumes' reads on this node (each volume's `throughput`
+    /// applies within it). 0 = unlimited.
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 0.0, value_parser = parse_throughput)]
+    node_throughput: f64,
+    /// Memory for cached and read-ahead data, shared by all volumes of the node.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    cache_size: u64,
+    /// Size of a cached block and of one ranged GET.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    block_size: u64,
+    /// How long directory listings are trusted, unless a volume sets metadataTTL.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    metadata_ttl: Duration,
+    /// FUSE request threads per volume.
+    #[arg(long, default_value_t = 4)]
+    fuse_threads: usize,
+    /// Kernel read-ahead per volume (0 = kernel default).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size_or_zero)]
+    kernel_read_ahead: u64,
+    /// kubelet's root directory: stale fillfs mounts under it are cleared at start.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// Private state (RRSA token files, mode 0600). A tmpfs is best.
+    #[arg(long, default_value = "/run/fillfs-csi")]
+    state_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -186,7 +232,8 @@ fn parse_size_or_zero(s: &str) -> std::result::Result<u64, String> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // fuser warns when it finds a mount already gone, which is how every unmount ends.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -202,6 +249,7 @@ fn main() {
     let result = match cli.command {
         Command::Mount(args) => mount(args),
         Command::Populate(args) => populate(args),
+        Command::Csi(args) => csi(args),
     };
     if let Err(e) = result {
         eprintln!("fillfs: error: {e:#}");
@@ -272,6 +320,79 @@ fn mount(a: MountArgs) -> Result<()> {
     }
     fillfs::mount::run(&opts, || {})?;
     Ok(())
+}
+
+fn csi(a: CsiArgs) -> Result<()> {
+    if a.node_id.is_empty() {
+        bail!("--node-id (or NODE_NAME) must not be empty");
+    }
+    forget_ambient_credentials();
+    let opts = fillfs::csi::CsiOptions {
+        endpoint: a.endpoint,
+        kubelet_dir: a.kubelet_dir,
+        node: fillfs::csi::NodeOptions {
+            node_id: a.node_id,
+            node_throughput_mib: a.node_throughput,
+            cache_size: a.cache_size,
+            block_size: a.block_size,
+            metadata_ttl: a.metadata_ttl,
+            fuse_threads: a.fuse_threads,
+            kernel_read_ahead: a.kernel_read_ahead,
+            state_dir: a.state_dir,
+        },
+    };
+    fillfs::mount::split_cache_size(opts.node.cache_size, opts.node.block_size)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fillfs-csi")
+        .build()?;
+    rt.block_on(fillfs::csi::serve(opts, || {}, shutdown_signal()))?;
+    // Mounts stay until this process exits (see fillfs::csi::serve); exit now.
+    std::process::exit(0);
+}
+
+/// The node plugin must never sign a user's volume with its own identity: cloud
+/// credentials in its environment are dropped before anything can read them.
+fn forget_ambient_credentials() {
+    const CREDENTIAL_VARS: &[&str] = &[
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+        "ALIBABA_CLOUD_SECURITY_TOKEN",
+        "ALIBABA_CLOUD_ROLE_ARN",
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE",
+    ];
+    let names: Vec<&str> = CREDENTIAL_VARS
+        .iter()
+        .copied()
+        .filter(|k| std::env::var_os(k).is_some())
+        .collect();
+    for k in &names {
+        // SAFETY: called before the runtime starts; no other thread reads the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+    if !names.is_empty() {
+        tracing::warn!(variables = ?names, "ignoring cloud credentials in the plugin's environment; volumes bring their own");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received, stopping");
 }
 
 /// Forks before any thread exists; the child mounts and reports "ok" or the error through a

@@ -2,11 +2,12 @@
 //! answers them from tokio tasks, so one slow fetch never holds up other requests (the
 //! fuser request threads only dispatch). It holds no file system logic of its own.
 //!
-//! [`mount`] mounts, tunes the kernel connection (read-ahead, background requests) and runs
-//! the session until the file system is unmounted — by SIGINT/SIGTERM, or by `umount`.
+//! [`spawn`] mounts, tunes the kernel connection (read-ahead, background requests) and
+//! serves from background threads, returning a [`MountHandle`] (the CSI node plugin holds
+//! many). [`mount`] is `fillfs mount`: spawn, then serve until SIGINT/SIGTERM or `umount`.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -247,15 +248,71 @@ impl fuser::Filesystem for Adapter {
     }
 }
 
-/// Mounts `fs` at `mountpoint`, calls `on_mounted` once the kernel has accepted the mount,
-/// and serves until the file system is unmounted (SIGINT/SIGTERM or `umount`).
-pub fn mount(
-    fs: Arc<Fs>,
-    rt: &tokio::runtime::Runtime,
-    mountpoint: &Path,
-    cfg: &MountConfig,
-    on_mounted: impl FnOnce(),
-) -> Result<()> {
+/// A live mount served by a background session (threads of fuser's own). Dropping it
+/// unmounts; [`MountHandle::unmount`] does so and reports why it could not.
+pub struct MountHandle {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .finish()
+    }
+}
+
+impl MountHandle {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// False once the session has ended: unmounted behind our back (`umount`), or the
+    /// kernel connection was aborted.
+    pub fn is_alive(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Asks the kernel to unmount. A busy mount (a process still has a file open) is an
+    /// error and the mount stays served, so the caller can retry; after success,
+    /// [`join`](Self::join) waits for the session threads.
+    pub fn try_unmount(&self) -> Result<()> {
+        match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(Error::Io(std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("unmounting {}: {e}", self.mountpoint.display()),
+            ))),
+        }
+    }
+
+    /// Waits for the session to end (after an unmount by anyone).
+    pub fn join(mut self) -> Result<()> {
+        let session = self.session.take().expect("session present until consumed");
+        session.join().map_err(Error::Io)?;
+        tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    /// Never blocks: a mount still served is detached lazily (it disappears from the
+    /// namespace now and ends when its last open file is closed).
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take()
+            && !session.guard.is_finished()
+        {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Mounts `fs` at `mountpoint` and serves it from background threads until the returned
+/// handle is unmounted or dropped. Replies are computed on `rt`.
+pub fn spawn(fs: Arc<Fs>, rt: Handle, mountpoint: &Path, cfg: &MountConfig) -> Result<MountHandle> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -288,12 +345,8 @@ pub fn mount(
     options.clone_fd = cfg.threads > 1;
 
     let ttl = fs.config().metadata_ttl;
-    let adapter = Adapter {
-        fs,
-        rt: rt.handle().clone(),
-        ttl,
-    };
-    let mut session = fuser::Session::new(adapter, mountpoint, &options).map_err(|e| {
+    let adapter = Adapter { fs, rt, ttl };
+    let session = fuser::Session::new(adapter, mountpoint, &options).map_err(|e| {
         Error::Io(std::io::Error::new(
             e.kind(),
             format!("mounting at {}: {e}", mountpoint.display()),
@@ -302,21 +355,41 @@ pub fn mount(
     if cfg.kernel_read_ahead > 0 {
         tune_bdi_readahead(mountpoint, cfg.kernel_read_ahead);
     }
+    let session = session.spawn().map_err(Error::Io)?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
-    on_mounted();
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
 
-    let mut unmounter = session.unmount_callable();
-    let mp = mountpoint.display().to_string();
+/// `fillfs mount`: mounts, calls `on_mounted`, and serves until unmounted — by
+/// SIGINT/SIGTERM, or by `umount`.
+pub fn mount(
+    fs: Arc<Fs>,
+    rt: &tokio::runtime::Runtime,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    on_mounted: impl FnOnce(),
+) -> Result<()> {
+    let handle = spawn(fs, rt.handle().clone(), mountpoint, cfg)?;
+    on_mounted();
+    let mp = mountpoint.to_path_buf();
     rt.spawn(async move {
         wait_for_shutdown_signal().await;
-        tracing::info!(mountpoint = %mp, "signal received, unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::error!(mountpoint = %mp, error = %e, "unmount failed (is the mount busy?)");
+        tracing::info!(mountpoint = %mp.display(), "signal received, unmounting");
+        if let Err(e) = nix::mount::umount2(&mp, nix::mount::MntFlags::empty()) {
+            // Not root: let fusermount3 do it.
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&mp)
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                tracing::error!(mountpoint = %mp.display(), error = %e, "unmount failed (is the mount busy?)");
+            }
         }
     });
-    session.run().map_err(Error::Io)?;
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
-    Ok(())
+    handle.join()
 }
 
 /// The kernel offers FUSE only 128 KiB of read-ahead at INIT; as root we can raise the

@@ -40,6 +40,10 @@ pub struct StoreConfig {
     pub credentials: Credentials,
     /// Attempts for a transient failure (5xx, reset, timeout) before giving up.
     pub max_retries: usize,
+    /// Whether the process's own identity may be used when `credentials` has none: for S3
+    /// the AWS config files and instance metadata. True for the CLI; false in the CSI
+    /// plugin, which must never lend the node's identity to a user's volume.
+    pub ambient_credentials: bool,
 }
 
 impl StoreConfig {
@@ -52,6 +56,7 @@ impl StoreConfig {
             region,
             credentials,
             max_retries: 5,
+            ambient_credentials: true,
         }
     }
 }

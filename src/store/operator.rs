@@ -54,6 +54,11 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
                 if let Some(t) = &c.session_token {
                     b = b.session_token(t.expose());
                 }
+            } else if !cfg.ambient_credentials {
+                b = b.skip_signature();
+            }
+            if !cfg.ambient_credentials {
+                b = b.disable_config_load().disable_ec2_metadata();
             }
             (Operator::new(b)?, endpoint)
         }
@@ -84,6 +89,10 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
                     .role_arn(&r.role_arn)
                     .oidc_provider_arn(&r.oidc_provider_arn)
                     .oidc_token_file(&r.oidc_token_file);
+            } else if !cfg.ambient_credentials {
+                // OpenDAL's OSS signer always reads ALIBABA_CLOUD_* from the environment;
+                // `fillfs csi` clears those at start, so this is anonymous access.
+                b = b.skip_signature();
             }
             (Operator::new(b)?, endpoint)
         }

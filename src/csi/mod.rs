@@ -1,0 +1,27 @@
+//! `fillfs csi`: the CSI node plugin. One process serves every fillfs FUSE mount of a node,
+//! so the node shares one block cache (N pods reading one prefix fetch each block once) and
+//! one bandwidth cap.
+//!
+//! - [`proto`]: types and services generated from `csi/csi.proto` (CSI v1 Identity + Node).
+//! - [`volume`]: the volume attributes and secrets a user writes, parsed and explained.
+//! - [`node`]: the mounts of the node, publish / unpublish, node-wide cache and limiter.
+//! - [`mounts`]: the mount table, and clearing mounts a previous run left behind.
+//! - [`service`]: the thin gRPC layer over [`node`], and [`serve`] on a unix socket.
+//!
+//! On restart, mounts left by the previous process are dead (ENOTCONN): they are cleared at
+//! start-up and whenever kubelet publishes or unpublishes their path (ARCHITECTURE.md says
+//! what a pod sees meanwhile).
+
+pub mod mounts;
+pub mod node;
+pub mod service;
+pub mod volume;
+
+/// Generated from `csi/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+pub use node::{CsiError, NodeOptions, NodePlugin};
+pub use service::{CsiOptions, DRIVER_NAME, serve};

@@ -1,0 +1,360 @@
+//! The node plugin's state and the two operations that matter: publish (mount a volume at a
+//! kubelet target path) and unpublish. Independent of gRPC: [`super::service`] translates
+//! the CSI messages into calls here and [`CsiError`]s into status codes.
+//!
+//! What is node-wide: one [`BlockCache`] and one read-ahead budget for every mount (keyed
+//! by object identity, so N pods filling from one prefix fetch each block once), and the
+//! node limiter that every mount's store pays in addition to its own `throughput`.
+//!
+//! Idempotency (CSI requires it): a target path has one slot, locked while it changes. A
+//! second publish of the same volume with the same attributes succeeds without a second
+//! mount (and refreshes an RRSA token); with different ones it is AlreadyExists. Unpublish
+//! of a path we do not serve succeeds, after clearing a fillfs mount a previous run left.
+//! This module must not parse volume attributes ([`super::volume`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+
+use super::mounts;
+use super::volume::VolumeSpec;
+use crate::cache::BlockCache;
+use crate::error::Error;
+use crate::fs::{Fs, FsConfig};
+use crate::fuse::{self, MountConfig, MountHandle};
+use crate::limit::RateLimiter;
+use crate::prefetch::PrefetchBudget;
+use crate::store::Store;
+
+/// Why a call failed, in the terms of CSI's status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum CsiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+    /// From the store's preflight or the mount; the code depends on the kind.
+    #[error(transparent)]
+    Source(#[from] Error),
+}
+
+/// Node-wide settings of `fillfs csi`.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub node_id: String,
+    /// MiB/s for the sum of all mounts' store reads; 0 = unlimited.
+    pub node_throughput_mib: f64,
+    /// All memory for cached and prefetched data of all mounts, bytes.
+    pub cache_size: u64,
+    pub block_size: u64,
+    /// Default listing TTL (a volume's `metadataTTL` overrides it).
+    pub metadata_ttl: Duration,
+    /// fuser request threads per mount.
+    pub fuse_threads: usize,
+    pub kernel_read_ahead: u64,
+    /// Where per-volume files live (RRSA token files, mode 0600).
+    pub state_dir: PathBuf,
+}
+
+/// A volume mounted at a target path.
+struct Published {
+    volume_id: String,
+    attributes: BTreeMap<String, String>,
+    handle: MountHandle,
+    fs: Arc<Fs>,
+    token_file: Option<PathBuf>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Published>>>;
+
+/// Store traffic of one published volume, for tests and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeTraffic {
+    pub volume_id: String,
+    pub target: PathBuf,
+    pub get_requests: u64,
+    pub bytes_read: u64,
+}
+
+/// The node plugin. Cheap to share (`Arc`).
+pub struct NodePlugin {
+    opts: NodeOptions,
+    rt: Handle,
+    node_limiters: Vec<Arc<RateLimiter>>,
+    cache: BlockCache,
+    budget: PrefetchBudget,
+    max_prefetch_window: u64,
+    slots: Mutex<HashMap<PathBuf, Slot>>,
+}
+
+impl NodePlugin {
+    /// Builds the node-wide cache and limiter. Must run inside the runtime `rt` belongs to.
+    pub fn new(opts: NodeOptions, rt: Handle) -> Result<Self, Error> {
+        let (cache_bytes, budget_bytes) =
+            crate::mount::split_cache_size(opts.cache_size, opts.block_size)?;
+        Ok(NodePlugin {
+            node_limiters: RateLimiter::for_throughput(opts.node_throughput_mib),
+            cache: BlockCache::new(cache_bytes, opts.block_size),
+            budget: PrefetchBudget::new(budget_bytes),
+            max_prefetch_window: (budget_bytes / 4)
+                .min(256 * 1024 * 1024)
+                .max(opts.block_size),
+            slots: Mutex::new(HashMap::new()),
+            opts,
+            rt,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.opts.node_id
+    }
+
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    fn slot(&self, target: &Path) -> Slot {
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .entry(target.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `target`'s slot if nobody else holds it (keeps the map bounded).
+    fn forget_slot(&self, target: &Path, slot: Slot) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        // The map's reference and ours: no other call is waiting on this slot.
+        if Arc::strong_count(&slot) == 2 {
+            slots.remove(target);
+        }
+    }
+
+    /// Mounts `spec` at `target` (an absolute path), or confirms it is already there.
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        spec: VolumeSpec,
+    ) -> Result<(), CsiError> {
+        let slot = self.slot(target);
+        let mut guard = slot.lock().await;
+        if let Some(p) = guard.as_ref() {
+            if p.handle.is_alive() {
+                if p.volume_id == volume_id && p.attributes == spec.attributes {
+                    if let (Some(file), Some(token)) = (&p.token_file, &spec.rrsa_token) {
+                        write_private(file, token.expose())
+                            .map_err(|e| CsiError::Internal(format!("refreshing token: {e}")))?;
+                    }
+                    tracing::info!(volume_id, target = %target.display(), "already published");
+                    return Ok(());
+                }
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} already holds volume {:?} with other attributes; unpublish it first",
+                    target.display(),
+                    p.volume_id
+                )));
+            }
+            tracing::warn!(target = %target.display(), "previous mount ended behind our back; mounting again");
+            *guard = None;
+        }
+        self.clear_foreign_mount(target).await?;
+        std::fs::create_dir_all(target).map_err(|e| {
+            CsiError::Internal(format!("creating target {}: {e}", target.display()))
+        })?;
+
+        let mut store_cfg = spec.store;
+        let token_file = match &spec.rrsa_token {
+            Some(token) => {
+                let file = self.token_path(target);
+                write_private(&file, token.expose())
+                    .map_err(|e| CsiError::Internal(format!("writing token file: {e}")))?;
+                if let Some(r) = store_cfg.credentials.rrsa.as_mut() {
+                    r.oidc_token_file = file.display().to_string();
+                }
+                Some(file)
+            }
+            None => None,
+        };
+        let mut limiters = RateLimiter::for_throughput(spec.throughput_mib);
+        limiters.extend(self.node_limiters.iter().cloned());
+        let store = Store::new(&store_cfg, limiters)?;
+        if let Err(e) = store.preflight().await {
+            if let Some(f) = &token_file {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e.into());
+        }
+        let config = FsConfig {
+            metadata_ttl: spec.metadata_ttl.unwrap_or(self.opts.metadata_ttl),
+            max_prefetch_window: self.max_prefetch_window,
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+        };
+        let fs = Arc::new(Fs::new(
+            store,
+            self.cache.clone(),
+            self.budget.clone(),
+            config,
+        ));
+        let mount_cfg = MountConfig {
+            fs_name: format!("fillfs:{}", store_cfg.source),
+            // Pods run as any user; files are 0644 and directories 0755, read-only.
+            allow_other: true,
+            threads: self.opts.fuse_threads,
+            kernel_read_ahead: self.opts.kernel_read_ahead,
+        };
+        let (rt, fs2, target2) = (self.rt.clone(), fs.clone(), target.to_path_buf());
+        let handle =
+            tokio::task::spawn_blocking(move || fuse::spawn(fs2, rt, &target2, &mount_cfg))
+                .await
+                .map_err(|e| CsiError::Internal(format!("mount task: {e}")))??;
+        tracing::info!(
+            volume_id,
+            target = %target.display(),
+            source = %store_cfg.source,
+            credentials = %store_cfg.credentials.describe(),
+            throughput_mib = spec.throughput_mib,
+            "published"
+        );
+        *guard = Some(Published {
+            volume_id: volume_id.to_string(),
+            attributes: spec.attributes,
+            handle,
+            fs,
+            token_file,
+        });
+        Ok(())
+    }
+
+    /// A mount at `target` that is not ours: a dead fillfs mount is cleared; anything else
+    /// is refused (we never mount over someone else's file system).
+    async fn clear_foreign_mount(&self, target: &Path) -> Result<(), CsiError> {
+        let Some(m) = mounts::mounted_at(target) else {
+            return Ok(());
+        };
+        let t = target.to_path_buf();
+        let dead = tokio::task::spawn_blocking(move || mounts::is_disconnected(&t))
+            .await
+            .unwrap_or(false);
+        if m.is_fillfs() && dead {
+            mounts::detach(target)
+                .map_err(|e| CsiError::Internal(format!("clearing stale mount: {e}")))?;
+            tracing::info!(target = %target.display(), "cleared a stale mount before publishing");
+            return Ok(());
+        }
+        Err(CsiError::AlreadyExists(format!(
+            "{} is already a mount point ({} from {}) not served by this plugin",
+            target.display(),
+            m.fs_type,
+            m.source
+        )))
+    }
+
+    /// Unmounts `target` and removes the directory. Succeeds if nothing is there.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        let slot = self.slot(target);
+        let mut guard = slot.lock().await;
+        if let Some(p) = guard.take() {
+            if let Err(e) = p.handle.try_unmount() {
+                *guard = Some(p);
+                return Err(CsiError::FailedPrecondition(format!(
+                    "{e}; a process still uses the volume"
+                )));
+            }
+            let Published {
+                handle, token_file, ..
+            } = p;
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| CsiError::Internal(format!("unmount task: {e}")))??;
+            if let Some(f) = token_file {
+                let _ = std::fs::remove_file(f);
+            }
+            tracing::info!(volume_id, target = %target.display(), "unpublished");
+        } else if let Some(m) = mounts::mounted_at(target)
+            && m.is_fillfs()
+        {
+            mounts::detach(target)
+                .map_err(|e| CsiError::Internal(format!("clearing stale mount: {e}")))?;
+            tracing::info!(volume_id, target = %target.display(), "cleared a mount left by a previous run");
+        } else {
+            tracing::info!(volume_id, target = %target.display(), "not published; nothing to do");
+        }
+        drop(guard);
+        self.forget_slot(target, slot);
+        match std::fs::remove_dir(target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(target = %target.display(), error = %e, "target left in place")
+            }
+        }
+        Ok(())
+    }
+
+    /// Store traffic per published volume.
+    pub fn traffic(&self) -> Vec<VolumeTraffic> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let slots: Vec<(PathBuf, Slot)> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        slots
+            .into_iter()
+            .filter_map(|(target, slot)| {
+                let guard = slot.try_lock().ok()?;
+                let p = guard.as_ref()?;
+                let s = p.fs.store().stats();
+                Some(VolumeTraffic {
+                    volume_id: p.volume_id.clone(),
+                    target,
+                    get_requests: s.get_requests.load(Relaxed),
+                    bytes_read: s.bytes_read.load(Relaxed),
+                })
+            })
+            .collect()
+    }
+
+    fn token_path(&self, target: &Path) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        target.hash(&mut h);
+        self.opts
+            .state_dir
+            .join("tokens")
+            .join(format!("{:016x}.token", h.finish()))
+    }
+}
+
+/// Writes `contents` to `path` readable by its owner only, replacing it atomically.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

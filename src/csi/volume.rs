@@ -1,0 +1,348 @@
+//! What a CSI volume asks for: the `volumeAttributes` (CSI `volume_context`) and the
+//! node-publish secrets of a NodePublishVolume call, parsed into a [`VolumeSpec`].
+//!
+//! Owns the vocabulary users write in their Pod or PV (see [`KEYS`]) and every message a
+//! mistake in it produces. It must not mount or touch the network; a missing bucket or a
+//! rejected key is found by the store's preflight, later.
+//!
+//! Credentials come only from the call: the secrets (AK/SK) or, for RRSA, the pod's
+//! service-account token that kubelet passes in `csi.storage.k8s.io/serviceAccount.tokens`.
+//! The plugin's own identity is never lent to a volume (see `StoreConfig::ambient_credentials`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use crate::store::{Credentials, Scheme, Secret, SourceUrl, StoreConfig};
+
+/// The audience RRSA tokens are requested for (CSIDriver `tokenRequests`).
+pub const RRSA_AUDIENCE: &str = "sts.aliyuncs.com";
+
+/// Keys kubelet adds (pod info, ephemeral flag, tokens); never a user's typo.
+const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+const TOKENS_KEY: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+
+/// The `volumeAttributes` a user may set, with what each means.
+pub const KEYS: &[(&str, &str)] = &[
+    (
+        "url",
+        "the whole source: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX or file:///DIR",
+    ),
+    ("bucket", "bucket name (instead of url)"),
+    ("path", "prefix inside the bucket, default / (with bucket)"),
+    ("protocol", "oss (default) or s3 (with bucket)"),
+    (
+        "endpoint",
+        "endpoint URL or host, e.g. oss-cn-hangzhou-internal.aliyuncs.com",
+    ),
+    ("region", "region, e.g. cn-hangzhou"),
+    (
+        "throughput",
+        "MiB/s cap for this volume's reads, 0 = none (the node cap still applies)",
+    ),
+    ("metadataTTL", "how long listings are trusted, e.g. 60s"),
+    (
+        "roleArn",
+        "RRSA: the RAM role to assume with the pod's token",
+    ),
+    ("oidcProviderArn", "RRSA: the cluster's OIDC provider ARN"),
+];
+
+/// Secret keys accepted for a static access key (Alibaba CSI, Alibaba SDK and AWS names).
+const KEY_ID_NAMES: &[&str] = &[
+    "akId",
+    "accessKeyId",
+    "ALIBABA_CLOUD_ACCESS_KEY_ID",
+    "AWS_ACCESS_KEY_ID",
+];
+const KEY_SECRET_NAMES: &[&str] = &[
+    "akSecret",
+    "accessKeySecret",
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+    "AWS_SECRET_ACCESS_KEY",
+];
+const TOKEN_NAMES: &[&str] = &[
+    "securityToken",
+    "ALIBABA_CLOUD_SECURITY_TOKEN",
+    "AWS_SESSION_TOKEN",
+];
+
+/// A parsed volume, ready to be mounted.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    /// Credentials inside are from the call only; for RRSA `oidc_token_file` is empty until
+    /// the node service writes [`rrsa_token`](Self::rrsa_token) to a file.
+    pub store: StoreConfig,
+    pub throughput_mib: f64,
+    pub metadata_ttl: Option<Duration>,
+    pub rrsa_token: Option<Secret>,
+    /// The user-set attributes (kubelet's own keys removed): two publishes of one target
+    /// path are the same volume only if these are equal.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Parses a NodePublishVolume's context and secrets. The error is a sentence for the
+/// user (it ends up in the pod's events), never containing a secret value.
+pub fn parse(
+    context: &HashMap<String, String>,
+    secrets: &HashMap<String, String>,
+) -> Result<VolumeSpec, String> {
+    let mut attributes = BTreeMap::new();
+    for (k, v) in context {
+        if k.starts_with(KUBELET_PREFIX) {
+            continue;
+        }
+        if !KEYS.iter().any(|(known, _)| known == k) {
+            let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+            return Err(format!(
+                "unknown volumeAttributes key {k:?}; known keys: {}",
+                known.join(", ")
+            ));
+        }
+        attributes.insert(k.clone(), v.trim().to_string());
+    }
+    let get = |k: &str| attributes.get(k).filter(|v| !v.is_empty()).cloned();
+
+    let source = match (get("url"), get("bucket")) {
+        (Some(_), Some(_)) => return Err("set either url or bucket, not both".into()),
+        (None, None) => {
+            return Err(
+                "no source: set volumeAttributes url (e.g. oss://bucket/prefix) or bucket (with path, protocol)"
+                    .into(),
+            );
+        }
+        (Some(url), None) => {
+            if get("path").is_some() || get("protocol").is_some() {
+                return Err(
+                    "path and protocol go with bucket; with url, put them in the url".into(),
+                );
+            }
+            SourceUrl::parse(&url).map_err(|e| e.to_string())?
+        }
+        (None, Some(bucket)) => {
+            let protocol = get("protocol").unwrap_or_else(|| "oss".into());
+            if protocol != "oss" && protocol != "s3" {
+                return Err(format!("protocol {protocol:?} is not oss or s3"));
+            }
+            let path = get("path").unwrap_or_default();
+            let path = path.trim_start_matches('/');
+            SourceUrl::parse(&format!("{protocol}://{bucket}/{path}")).map_err(|e| e.to_string())?
+        }
+    };
+    if source.scheme == Scheme::Oss && get("endpoint").is_none() && get("region").is_none() {
+        return Err("oss volumes need endpoint or region (e.g. region: cn-hangzhou)".into());
+    }
+
+    let throughput_mib = match get("throughput") {
+        None => 0.0,
+        Some(t) => match t.parse::<f64>() {
+            Ok(v) if v >= 0.0 && v.is_finite() => v,
+            _ => return Err(format!("throughput {t:?} is not a number of MiB/s >= 0")),
+        },
+    };
+    let metadata_ttl = match get("metadataTTL") {
+        None => None,
+        Some(t) => Some(
+            humantime::parse_duration(&t)
+                .map_err(|e| format!("metadataTTL {t:?}: {e} (write e.g. 60s or 5m)"))?,
+        ),
+    };
+
+    let credentials = credentials(source.scheme, secrets)?;
+    let (credentials, rrsa_token) = match (get("roleArn"), get("oidcProviderArn")) {
+        (None, None) => (credentials, None),
+        (Some(role_arn), Some(oidc_provider_arn)) => {
+            if source.scheme != Scheme::Oss {
+                return Err("roleArn/oidcProviderArn (RRSA) work with oss volumes only".into());
+            }
+            let token = rrsa_token(context)?;
+            let mut c = credentials;
+            c.rrsa = Some(crate::store::Rrsa {
+                role_arn,
+                oidc_provider_arn,
+                oidc_token_file: String::new(),
+            });
+            (c, Some(token))
+        }
+        _ => return Err("RRSA needs both roleArn and oidcProviderArn".into()),
+    };
+
+    let mut store = StoreConfig::new(source, get("endpoint"), get("region"));
+    store.credentials = credentials;
+    store.ambient_credentials = false;
+    Ok(VolumeSpec {
+        store,
+        throughput_mib,
+        metadata_ttl,
+        rrsa_token,
+        attributes,
+    })
+}
+
+fn first<'a>(secrets: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a String> {
+    names
+        .iter()
+        .find_map(|n| secrets.get(*n))
+        .filter(|v| !v.is_empty())
+}
+
+fn credentials(scheme: Scheme, secrets: &HashMap<String, String>) -> Result<Credentials, String> {
+    let id = first(secrets, KEY_ID_NAMES);
+    let secret = first(secrets, KEY_SECRET_NAMES);
+    match (id, secret) {
+        (Some(id), Some(secret)) => {
+            if scheme == Scheme::File {
+                return Err("file:// volumes take no credentials".into());
+            }
+            Ok(Credentials {
+                access_key_id: Some(Secret::new(id.clone())),
+                secret_access_key: Some(Secret::new(secret.clone())),
+                session_token: first(secrets, TOKEN_NAMES).map(|t| Secret::new(t.clone())),
+                rrsa: None,
+            })
+        }
+        (None, None) => Ok(Credentials::default()),
+        (Some(_), None) => Err(format!(
+            "the node-publish secret has an access key id but no secret (one of {})",
+            KEY_SECRET_NAMES.join(", ")
+        )),
+        (None, Some(_)) => Err(format!(
+            "the node-publish secret has an access key secret but no id (one of {})",
+            KEY_ID_NAMES.join(", ")
+        )),
+    }
+}
+
+/// The pod's token for [`RRSA_AUDIENCE`], from kubelet's JSON
+/// `{"sts.aliyuncs.com": {"token": "...", "expirationTimestamp": "..."}}`.
+fn rrsa_token(context: &HashMap<String, String>) -> Result<Secret, String> {
+    let missing = || {
+        format!(
+            "RRSA needs the pod's service-account token: the CSIDriver must request tokens for audience {RRSA_AUDIENCE} (spec.tokenRequests)"
+        )
+    };
+    let raw = context.get(TOKENS_KEY).ok_or_else(missing)?;
+    let tokens: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| format!("{TOKENS_KEY} is not JSON: {e}"))?;
+    tokens
+        .get(RRSA_AUDIENCE)
+        .and_then(|t| t.get("token"))
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .map(Secret::new)
+        .ok_or_else(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn bucket_path_protocol_make_a_source() {
+        let spec = parse(
+            &map(&[
+                ("bucket", "data"),
+                ("path", "/models/llama/"),
+                ("region", "cn-hangzhou"),
+                ("throughput", "1000"),
+                ("csi.storage.k8s.io/pod.name", "fill-1"),
+            ]),
+            &map(&[("akId", "LTAIid"), ("akSecret", "s3cr3t")]),
+        )
+        .unwrap();
+        assert_eq!(spec.store.source.to_string(), "oss://data/models/llama/");
+        assert_eq!(spec.throughput_mib, 1000.0);
+        assert!(!spec.store.ambient_credentials);
+        assert_eq!(
+            spec.store
+                .credentials
+                .secret_access_key
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "s3cr3t"
+        );
+        assert!(!spec.attributes.contains_key("csi.storage.k8s.io/pod.name"));
+    }
+
+    #[test]
+    fn mistakes_are_explained() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("url", "s3://bkt/p"), ("troughput", "5")],
+                "unknown volumeAttributes key \"troughput\"",
+            ),
+            (&[], "no source"),
+            (
+                &[("url", "s3://bkt"), ("bucket", "bkt")],
+                "either url or bucket",
+            ),
+            (&[("url", "ftp://x")], "unsupported scheme"),
+            (&[("bucket", "bkt")], "need endpoint or region"),
+            (&[("bucket", "bkt"), ("protocol", "gcs")], "not oss or s3"),
+            (
+                &[("url", "s3://bkt/"), ("throughput", "fast")],
+                "not a number",
+            ),
+            (
+                &[("url", "s3://bkt/"), ("metadataTTL", "soon")],
+                "metadataTTL",
+            ),
+            (
+                &[
+                    ("url", "oss://bkt/"),
+                    ("region", "r"),
+                    ("roleArn", "acs:ram::1:role/x"),
+                ],
+                "both roleArn and oidcProviderArn",
+            ),
+            (
+                &[
+                    ("url", "oss://bkt/"),
+                    ("region", "r"),
+                    ("roleArn", "acs:ram::1:role/x"),
+                    ("oidcProviderArn", "acs:ram::1:oidc-provider/p"),
+                ],
+                "tokenRequests",
+            ),
+        ];
+        for (ctx, want) in cases {
+            let err = parse(&map(ctx), &HashMap::new()).unwrap_err();
+            assert!(err.contains(want), "{ctx:?}: {err}");
+        }
+        let err = parse(&map(&[("url", "s3://bkt/")]), &map(&[("akId", "only-id")])).unwrap_err();
+        assert!(
+            err.contains("no secret") && !err.contains("only-id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rrsa_token_comes_from_kubelet() {
+        let tokens = r#"{"sts.aliyuncs.com":{"token":"eyJhbGciOi.tok","expirationTimestamp":"2026-11-23T10:00:00Z"}}"#;
+        let spec = parse(
+            &map(&[
+                ("url", "oss://bkt/p/"),
+                ("endpoint", "oss-cn-hangzhou-internal.aliyuncs.com"),
+                ("roleArn", "acs:ram::1:role/fill"),
+                ("oidcProviderArn", "acs:ram::1:oidc-provider/ack"),
+                (TOKENS_KEY, tokens),
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(spec.rrsa_token.unwrap().expose(), "eyJhbGciOi.tok");
+        let shown = format!("{:?}", spec.store);
+        assert!(!shown.contains("eyJhbGciOi"), "{shown}");
+        assert_eq!(
+            spec.store.credentials.rrsa.unwrap().role_arn,
+            "acs:ram::1:role/fill"
+        );
+    }
+}

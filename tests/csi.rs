@@ -1,0 +1,545 @@
+//! The CSI node plugin, driven as kubelet drives it: `fillfs csi` runs as a process, the
+//! test talks CSI gRPC to its unix socket, reads the real FUSE mounts it publishes, and
+//! counts on the S3 server what was fetched.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use fillfs::csi::proto::identity_client::IdentityClient;
+use fillfs::csi::proto::node_client::NodeClient;
+use fillfs::csi::proto::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A running `fillfs csi` with its own kubelet directory, killed (and its mounts cleared)
+/// on drop.
+struct Plugin {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    rt: tokio::runtime::Runtime,
+    node: NodeClient<Channel>,
+    identity: IdentityClient<Channel>,
+}
+
+impl Plugin {
+    fn start(extra: &[&str]) -> Plugin {
+        Self::start_in(tempfile::tempdir().expect("plugin dir"), extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Plugin {
+        let socket = dir.path().join("csi.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("plugin.log"))
+            .expect("log");
+        let child = fillfs()
+            .arg("csi")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--node-id")
+            .arg("node-1")
+            .arg("--kubelet-dir")
+            .arg(dir.path().join("kubelet"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fillfs csi");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let channel = loop {
+            let path = socket.clone();
+            let connected = rt.block_on(async move {
+                tonic::transport::Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+            });
+            match connected {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "plugin socket not ready: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        Plugin {
+            child: Some(child),
+            rt,
+            node: NodeClient::new(channel.clone()),
+            identity: IdentityClient::new(channel),
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("plugin.log")).unwrap_or_default()
+    }
+
+    /// A kubelet-style target path for `pod`'s volume.
+    fn target(&self, pod: &str) -> PathBuf {
+        self.dir.path().join(format!(
+            "kubelet/pods/{pod}/volumes/kubernetes.io~csi/data/mount"
+        ))
+    }
+
+    fn publish(
+        &self,
+        volume_id: &str,
+        target: &Path,
+        ctx: &[(&str, &str)],
+    ) -> Result<(), tonic::Status> {
+        let req = publish_request(volume_id, target, ctx);
+        let mut node = self.node.clone();
+        self.rt.block_on(node.node_publish_volume(req)).map(|_| ())
+    }
+
+    fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut node = self.node.clone();
+        self.rt
+            .block_on(node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: target.display().to_string(),
+            }))
+            .map(|_| ())
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: the mounts are left behind.
+    fn kill(&mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for m in fillfs::csi::mounts::mount_table() {
+            if m.mount_point.starts_with(self.dir.path()) {
+                let _ = fillfs::csi::mounts::detach(&m.mount_point);
+            }
+        }
+    }
+}
+
+fn publish_request(
+    volume_id: &str,
+    target: &Path,
+    ctx: &[(&str, &str)],
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume::default(),
+            )),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }),
+        readonly: true,
+        secrets: HashMap::from([
+            ("akId".to_string(), ACCESS_KEY.to_string()),
+            ("akSecret".to_string(), SECRET_KEY.to_string()),
+        ]),
+        volume_context: ctx
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Volume attributes of an s3 volume on the emulator, as a Pod's `volumeAttributes`.
+fn s3_volume(emu: &Emulator, prefix: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("url", format!("s3://{BUCKET}/{prefix}")),
+        ("endpoint", emu.endpoint()),
+        ("region", "us-east-1".into()),
+        ("csi.storage.k8s.io/ephemeral", "true".into()),
+        ("csi.storage.k8s.io/pod.name", "fill-1".into()),
+    ]
+}
+
+fn ctx<'a>(
+    v: &'a [(&'static str, String)],
+    extra: &'a [(&'static str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    v.iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain(extra.iter().copied())
+        .collect()
+}
+
+fn put_files(emu: &Emulator, prefix: &str, count: u64, size: u64, seed0: u64) {
+    for i in 0..count {
+        let data = Bytes::from(pattern(seed0 + i, 0, size as usize));
+        emu.put_object(BUCKET, &format!("{prefix}f{i}.bin"), data);
+    }
+}
+
+fn mounts_at(path: &Path) -> usize {
+    fillfs::csi::mounts::mount_table()
+        .iter()
+        .filter(|m| m.mount_point == path)
+        .count()
+}
+
+#[test]
+fn identity_and_node_info() {
+    if !fuse_available() {
+        return;
+    }
+    let p = Plugin::start(&[]);
+    let mut id = p.identity.clone();
+    let info =
+        p.rt.block_on(id.get_plugin_info(GetPluginInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.name, "csi.fillfs.io");
+    assert!(!info.vendor_version.is_empty());
+    let probe =
+        p.rt.block_on(id.probe(ProbeRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let caps =
+        p.rt.block_on(id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}))
+            .unwrap()
+            .into_inner();
+    assert!(caps.capabilities.is_empty(), "node-only plugin: {caps:?}");
+
+    let mut node = p.node.clone();
+    let info =
+        p.rt.block_on(node.node_get_info(NodeGetInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.node_id, "node-1");
+    let caps =
+        p.rt.block_on(node.node_get_capabilities(NodeGetCapabilitiesRequest {}))
+            .unwrap()
+            .into_inner();
+    assert!(caps.capabilities.is_empty(), "no staging: {caps:?}");
+    let err =
+        p.rt.block_on(node.node_stage_volume(NodeStageVolumeRequest::default()))
+            .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+}
+
+#[test]
+fn two_volumes_of_one_prefix_share_one_fetch() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let (files, size) = (4u64, 24 * MIB);
+    put_files(&emu, "shared/", files, size, 100);
+    let p = Plugin::start(&["--cache-size", "512MiB"]);
+    let vol = s3_volume(&emu, "shared/");
+    let (ta, tb) = (p.target("pod-a"), p.target("pod-b"));
+    p.publish("vol-a", &ta, &ctx(&vol, &[])).unwrap();
+    p.publish("vol-b", &tb, &ctx(&vol, &[])).unwrap();
+    emu.reset_stats();
+
+    let readers: Vec<_> = [ta.clone(), tb.clone()]
+        .into_iter()
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..files {
+                    verify_stream(&t.join(format!("f{i}.bin")), 100 + i, size);
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().expect("reader");
+    }
+    let fetched = emu.stats().get_bytes;
+    let data = files * size;
+    let ratio = fetched as f64 / data as f64;
+    eprintln!(
+        "shared fetch: 2 volumes read {} MiB each; server sent {:.1} MiB = {ratio:.3}x the data",
+        data / MIB,
+        fetched as f64 / MIB as f64
+    );
+    assert!(
+        fetched >= data,
+        "every byte comes from the server once: {fetched} < {data}"
+    );
+    assert!(
+        ratio <= 1.10,
+        "two volumes of one prefix fetched {ratio:.3}x the data"
+    );
+
+    p.unpublish("vol-a", &ta).unwrap();
+    p.unpublish("vol-b", &tb).unwrap();
+    assert_eq!(mounts_at(&ta) + mounts_at(&tb), 0);
+}
+
+/// Reads every file under each target in parallel, one thread per target; returns each
+/// thread's elapsed time.
+fn read_in_parallel(targets: &[PathBuf], files: u64, size: u64, seeds: &[u64]) -> Vec<Duration> {
+    let start = Instant::now();
+    let readers: Vec<_> = targets
+        .iter()
+        .cloned()
+        .zip(seeds.iter().copied())
+        .map(|(t, seed)| {
+            std::thread::spawn(move || {
+                for i in 0..files {
+                    verify_stream(&t.join(format!("f{i}.bin")), seed + i, size);
+                }
+                start.elapsed()
+            })
+        })
+        .collect();
+    readers
+        .into_iter()
+        .map(|r| r.join().expect("reader"))
+        .collect()
+}
+
+#[test]
+fn node_cap_holds_across_three_volumes() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let (files, size, cap) = (2u64, 20 * MIB, 40.0);
+    for (v, seed) in [("a/", 10), ("b/", 20), ("c/", 30)] {
+        put_files(&emu, v, files, size, seed);
+    }
+    let p = Plugin::start(&["--node-throughput", "40"]);
+    let targets: Vec<PathBuf> = ["p1", "p2", "p3"].iter().map(|n| p.target(n)).collect();
+    for (i, (t, prefix)) in targets.iter().zip(["a/", "b/", "c/"]).enumerate() {
+        p.publish(&format!("vol-{i}"), t, &ctx(&s3_volume(&emu, prefix), &[]))
+            .unwrap();
+    }
+    emu.reset_stats();
+    let times = read_in_parallel(&targets, files, size, &[10, 20, 30]);
+    let elapsed = times.iter().max().unwrap().as_secs_f64();
+    let fetched = emu.stats().get_bytes as f64 / MIB as f64;
+    let rate = fetched / elapsed;
+    eprintln!(
+        "node cap {cap} MiB/s over 3 volumes: {fetched:.1} MiB in {elapsed:.2} s = {rate:.1} MiB/s ({:+.1}%); per volume done at {:?}",
+        (rate / cap - 1.0) * 100.0,
+        times
+    );
+    assert!(
+        (rate - cap).abs() <= cap * 0.10,
+        "node cap {cap} MiB/s, measured {rate:.1} MiB/s"
+    );
+}
+
+#[test]
+fn volume_throughput_caps_only_that_volume() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let (files, size) = (2u64, 16 * MIB);
+    put_files(&emu, "capped/", files, size, 40);
+    put_files(&emu, "free/", files, size, 50);
+    let p = Plugin::start(&[]);
+    let (tc, tf) = (p.target("capped"), p.target("free"));
+    p.publish(
+        "vol-capped",
+        &tc,
+        &ctx(&s3_volume(&emu, "capped/"), &[("throughput", "16")]),
+    )
+    .unwrap();
+    p.publish("vol-free", &tf, &ctx(&s3_volume(&emu, "free/"), &[]))
+        .unwrap();
+    let times = read_in_parallel(&[tc, tf], files, size, &[40, 50]);
+    let (capped, free) = (times[0].as_secs_f64(), times[1].as_secs_f64());
+    let rate = (files * size) as f64 / MIB as f64 / capped;
+    eprintln!(
+        "volume cap 16 MiB/s: capped volume {rate:.1} MiB/s ({capped:.2} s), uncapped volume done in {free:.2} s"
+    );
+    assert!(
+        (rate - 16.0).abs() <= 1.6,
+        "volume cap 16 MiB/s, measured {rate:.1}"
+    );
+    assert!(
+        free < capped / 2.0,
+        "the cap of one volume slowed another: {free:.2} s vs {capped:.2} s"
+    );
+}
+
+#[test]
+fn publish_and_unpublish_are_idempotent() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "idem/", 1, MIB, 60);
+    let p = Plugin::start(&[]);
+    let t = p.target("pod-i");
+    let vol = s3_volume(&emu, "idem/");
+    p.publish("vol-i", &t, &ctx(&vol, &[])).unwrap();
+    p.publish("vol-i", &t, &ctx(&vol, &[])).unwrap();
+    assert_eq!(mounts_at(&t), 1, "a repeated publish must not mount twice");
+    verify_stream(&t.join("f0.bin"), 60, MIB);
+
+    let err = p.publish("vol-other", &t, &ctx(&vol, &[])).unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = p
+        .publish("vol-i", &t, &ctx(&vol, &[("throughput", "5")]))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    p.unpublish("vol-i", &t).unwrap();
+    assert_eq!(mounts_at(&t), 0);
+    assert!(!t.exists(), "the target directory is removed");
+    p.unpublish("vol-i", &t).unwrap();
+    p.unpublish("vol-never", &p.target("pod-unknown")).unwrap();
+    // The path is free again.
+    p.publish("vol-i", &t, &ctx(&vol, &[])).unwrap();
+    assert_eq!(mounts_at(&t), 1);
+    p.unpublish("vol-i", &t).unwrap();
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let p = Plugin::start(&[]);
+    let t = p.target("pod-bad");
+    let vol = s3_volume(&emu, "x/");
+    let mut node = p.node.clone();
+    let call = |node: &mut NodeClient<Channel>, req| p.rt.block_on(node.node_publish_volume(req));
+
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
+    req.target_path = "relative/mount".into();
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("absolute"), "{e:?}");
+
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
+    req.volume_capability.as_mut().unwrap().access_type = Some(
+        volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
+    );
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("Block"), "{e:?}");
+
+    let mut req = publish_request("", &t, &ctx(&vol, &[]));
+    req.volume_capability = None;
+    assert_eq!(
+        call(&mut node, req).unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let e = p
+        .publish("v", &t, &ctx(&vol, &[("troughput", "10")]))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("troughput") && e.message().contains("throughput"),
+        "{e:?}"
+    );
+
+    let e = p
+        .publish("v", &t, &[("endpoint", "http://127.0.0.1:1")])
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("no source"), "{e:?}");
+
+    // Reaches the server: a missing bucket, then a wrong key.
+    let missing = [
+        ("url", "s3://no-such-bucket/x/".to_string()),
+        ("endpoint", emu.endpoint()),
+        ("region", "us-east-1".into()),
+    ];
+    let e = p.publish("v", &t, &ctx(&missing, &[])).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("no-such-bucket"), "{e:?}");
+
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
+    req.secrets
+        .insert("akSecret".into(), "wrong-secret-value".into());
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(!e.message().contains("wrong-secret-value"), "{e:?}");
+    assert!(
+        !p.log().contains("wrong-secret-value"),
+        "a secret reached the log"
+    );
+    assert!(!p.log().contains(SECRET_KEY), "a secret reached the log");
+
+    assert_eq!(mounts_at(&t), 0, "a refused publish mounts nothing");
+}
+
+#[test]
+fn restart_clears_mounts_left_behind() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "r/", 1, 2 * MIB, 70);
+    let mut p = Plugin::start(&[]);
+    let vol = s3_volume(&emu, "r/");
+    let (t1, t2) = (p.target("pod-1"), p.target("pod-2"));
+    p.publish("vol-1", &t1, &ctx(&vol, &[])).unwrap();
+    p.publish("vol-2", &t2, &ctx(&vol, &[])).unwrap();
+    verify_stream(&t1.join("f0.bin"), 70, 2 * MIB);
+
+    let dir = p.kill();
+    let err = std::fs::metadata(&t1).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "a dead plugin's mount: {err}"
+    );
+
+    let p2 = Plugin::start_in(dir, &[]);
+    assert_eq!(
+        mounts_at(&t1) + mounts_at(&t2),
+        0,
+        "stale mounts cleared at start:\n{}",
+        p2.log()
+    );
+    assert!(
+        p2.log().contains("cleared a mount left by a previous run"),
+        "{}",
+        p2.log()
+    );
+    // kubelet publishes again for a new pod on the same path; unpublishes the other.
+    p2.publish("vol-1", &t1, &ctx(&vol, &[])).unwrap();
+    verify_stream(&t1.join("f0.bin"), 70, 2 * MIB);
+    p2.unpublish("vol-2", &t2).unwrap();
+    p2.unpublish("vol-1", &t1).unwrap();
+    assert_eq!(mounts_at(&t1), 0);
+}
