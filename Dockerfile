@@ -1,0 +1,29 @@
+# The one fillfs image: CSI node plugin, controller, and the fill pod's `fillfs populate`.
+# Multi-stage: build with the Rust toolchain, ship the binary on a slim Debian with only
+# what it runs (fusermount3 for unprivileged mounts, mkfs.ext4 for --mkfs, CA roots).
+#
+#   docker build -t ghcr.io/fillfs/fillfs:0.1.0 .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, so a source change does not rebuild them.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY bench/s3emu/Cargo.toml bench/s3emu/Cargo.toml
+COPY csi csi
+COPY bench/seqread.rs bench/ceiling.rs bench/
+RUN mkdir -p src bench/s3emu/src \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+ && echo 'fn main() {}' > bench/s3emu/src/main.rs && touch bench/s3emu/src/lib.rs \
+ && cargo build --release --locked -p fillfs --bin fillfs || true
+COPY src src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p fillfs --bin fillfs
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      ca-certificates fuse3 e2fsprogs \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/fillfs /usr/local/bin/fillfs
+# The fill pod runs as this user; the CSI node plugin overrides it (privileged, root).
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/fillfs"]
