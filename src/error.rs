@@ -92,6 +92,26 @@ impl Error {
         }
     }
 
+    /// True when running the same command again cannot succeed: bad input, a missing
+    /// bucket, rejected credentials, corrupt data after a retry, a volume too small.
+    /// `fillfs populate` exits with 2 for these (the populator controller stops retrying).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::InvalidSource { .. }
+            | Error::InvalidOption(_)
+            | Error::BucketNotFound { .. }
+            | Error::DirectoryNotFound(_)
+            | Error::AccessDenied { .. }
+            | Error::ChecksumMismatch { .. }
+            | Error::NoSpace { .. }
+            | Error::UnsafeKeys { .. } => true,
+            Error::Copy { source, .. } => source.is_permanent(),
+            Error::Shared(e) => e.is_permanent(),
+            Error::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
+    }
+
     /// True when the error means "no such object or directory" (mapped to ENOENT).
     pub fn is_not_found(&self) -> bool {
         match self {

@@ -8,6 +8,7 @@
 //! onto a volume through the same store and limiter.
 
 pub mod cache;
+pub mod controller;
 pub mod csi;
 pub mod error;
 pub mod fs;

@@ -22,7 +22,9 @@ use fillfs::store::{SourceUrl, StoreConfig};
                   Credentials come from the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for s3;\n\
                   ALIBABA_CLOUD_ACCESS_KEY_ID / ALIBABA_CLOUD_ACCESS_KEY_SECRET, or RRSA (ALIBABA_CLOUD_ROLE_ARN,\n\
                   ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE) for oss. They are never logged.\n\n\
-                  Logging: RUST_LOG (e.g. RUST_LOG=fillfs=debug), default info."
+                  Logging: RUST_LOG (e.g. RUST_LOG=fillfs=debug), default info.\n\n\
+                  Exit status: 0 success; 1 failure worth retrying (network, store errors); 2 failure a retry cannot fix\n\
+                  (bad arguments, missing bucket, rejected credentials, checksum mismatch, target too small)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,9 +38,48 @@ enum Command {
     /// Copy a bucket prefix (or a local directory, e.g. a fillfs mount) into TARGET:
     /// many transfers in flight, capped, verified, resumable after a crash.
     Populate(PopulateArgs),
+    /// Run the volume populator: fill every PVC whose dataSourceRef names an
+    /// OSSVolumePopulator (storage.alibabacloud.com/v1beta1).
+    Controller(ControllerArgs),
+    /// Print the OSSVolumePopulator CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
     /// Run the CSI node plugin: serve every fillfs volume of this node from one process,
     /// with a node-wide bandwidth cap and one shared cache.
     Csi(CsiArgs),
+}
+
+#[derive(Args)]
+#[command(
+    long_about = "Watches PersistentVolumeClaims whose dataSourceRef names an OSSVolumePopulator. For each, it \
+                  creates a temporary claim (prime-<uid>) and a fill pod (populate-<uid>) in --namespace that mounts \
+                  the bucket through the fillfs CSI driver and runs `fillfs populate`, then hands the filled volume \
+                  to the user's claim. Progress shows as the fillfs.io/progress annotation and as events on the claim."
+)]
+struct ControllerArgs {
+    /// Namespace of temporary claims, fill pods and copied secrets.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fillfs-system")]
+    namespace: String,
+    /// Image of the fill pods (this program's image).
+    #[arg(long, env = "FILLFS_IMAGE", default_value = concat!("ghcr.io/fillfs/fillfs:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// Service account of the fill pods (RRSA exchanges its token).
+    #[arg(long, default_value = "fillfs-populate")]
+    service_account: String,
+    /// CSI driver that mounts buckets in fill pods.
+    #[arg(long, default_value = "csi.fillfs.io")]
+    csi_driver: String,
+    /// Fill attempts per PVC before a failure is final (exit code 2 is final at once).
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+    /// Delay before the first retry; it doubles with each failed attempt.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    retry_delay: Duration,
+    /// How often a running fill's progress is read.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Address of /metrics and /healthz; "none" to disable.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: String,
 }
 
 #[derive(Args)]
@@ -250,10 +291,18 @@ fn main() {
         Command::Mount(args) => mount(args),
         Command::Populate(args) => populate(args),
         Command::Csi(args) => csi(args),
+        Command::Controller(args) => controller(args),
+        Command::Crd => {
+            print!("{}", fillfs::controller::crd_yaml());
+            Ok(())
+        }
     };
     if let Err(e) = result {
         eprintln!("fillfs: error: {e:#}");
-        std::process::exit(1);
+        let permanent = e
+            .downcast_ref::<fillfs::Error>()
+            .is_some_and(fillfs::Error::is_permanent);
+        std::process::exit(if permanent { 2 } else { 1 });
     }
 }
 
@@ -319,6 +368,31 @@ fn mount(a: MountArgs) -> Result<()> {
         return daemonize_and_mount(&opts);
     }
     fillfs::mount::run(&opts, || {})?;
+    Ok(())
+}
+
+fn controller(a: ControllerArgs) -> Result<()> {
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "none" | "" => None,
+        s => Some(s.parse().with_context(|| format!("--metrics-addr {s:?}"))?),
+    };
+    let opts = fillfs::controller::ControllerOptions {
+        settings: fillfs::controller::Settings {
+            namespace: a.namespace,
+            image: a.image,
+            service_account: a.service_account,
+            csi_driver: a.csi_driver,
+        },
+        max_attempts: a.max_attempts.max(1),
+        retry_base: a.retry_delay,
+        poll: a.poll,
+        metrics_addr,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(fillfs::controller::run(opts))
+        .context("the controller stopped")?;
     Ok(())
 }
 
