@@ -255,7 +255,7 @@ fn checksum_mismatch_is_detected_and_names_the_file() {
     emu.corrupt_key(BUCKET, "sum/bad");
     let target = tempfile::tempdir().unwrap();
     let out = run(populate(&emu, "sum", target.path(), &[]));
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a permanent failure exits 2");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("bad") && err.contains("checksum mismatch"),
@@ -309,11 +309,26 @@ fn missing_bucket_fails_with_a_clear_error() {
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
     let out = run(cmd);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a missing bucket is permanent");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("absent-bucket") && err.contains("does not exist"),
         "{err}"
+    );
+
+    // An endpoint that does not answer may answer later: exit 1, worth a retry.
+    let mut cmd = fillfs();
+    cmd.args(["populate", "s3://some-bucket/x"])
+        .arg(target.path())
+        .args(["--endpoint", "http://127.0.0.1:1"])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -409,7 +424,7 @@ fn a_fill_that_cannot_fit_fails_before_writing() {
     std::fs::create_dir(&target).unwrap();
     emu.reset_stats();
     let out = run(populate(&emu, "big", &target, &[]));
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a permanent failure exits 2");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs") && err.contains("has"), "{err}");
     assert_eq!(
