@@ -1067,3 +1067,43 @@ fn seed_examples_deserialize_and_validate_against_the_schema() {
         Some(("argo".into(), "generic-demo".into()))
     );
 }
+
+#[test]
+fn the_fill_pods_csi_volume_is_accepted_by_the_csi_plugin() {
+    // What kubelet would pass to NodePublishVolume for the generated pod's source volume.
+    let pod = objects::fill_pod(&pvc_from(&user_pvc()), &seed_cr(), &settings(), None, None);
+    let csi = pod.spec.unwrap().volumes.unwrap()[0].csi.clone().unwrap();
+    assert_eq!(csi.driver, fillfs::csi::DRIVER_NAME);
+    let mut context: std::collections::HashMap<String, String> =
+        csi.volume_attributes.unwrap().into_iter().collect();
+    context.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    context.insert(
+        "csi.storage.k8s.io/serviceAccount.tokens".into(),
+        r#"{"sts.aliyuncs.com":{"token":"header.payload.sig","expirationTimestamp":"2026-11-23T11:00:00Z"}}"#.into(),
+    );
+    let spec = fillfs::csi::volume::parse(&context, &Default::default()).expect("accepted");
+    assert_eq!(
+        spec.store.source.to_string(),
+        "oss://my-test-bucket/many-files/"
+    );
+    assert_eq!(
+        spec.store.endpoint.as_deref(),
+        Some("oss-cn-hangzhou-internal.aliyuncs.com")
+    );
+    assert_eq!(
+        spec.store.credentials.rrsa.unwrap().role_arn,
+        "acs:ram::123456789012:role/oss-populator"
+    );
+
+    // throughput is MB/s in the populator and MiB/s in the volume.
+    let mut cr = seed_cr();
+    cr.spec.throughput = Some(1000);
+    let pod = objects::fill_pod(&pvc_from(&user_pvc()), &cr, &settings(), None, None);
+    let attrs = pod.spec.unwrap().volumes.unwrap()[0]
+        .csi
+        .clone()
+        .unwrap()
+        .volume_attributes
+        .unwrap();
+    assert_eq!(attrs["throughput"], "953.674");
+}
