@@ -44,9 +44,27 @@ pub struct ControllerOptions {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "no Kubernetes API to talk to: not running in a cluster, and no kubeconfig ($KUBECONFIG or ~/.kube/config)"
+    )]
+    NoCluster,
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
 /// Runs the controller until the process is stopped.
-pub async fn run(opts: ControllerOptions) -> Result<(), kube::Error> {
-    let client = Client::try_default().await?;
+pub async fn run(opts: ControllerOptions) -> Result<(), RunError> {
+    let client = match Client::try_default().await {
+        Ok(c) => c,
+        Err(kube::Error::InferConfig(e)) => {
+            tracing::debug!(error = %e, "no cluster configuration");
+            return Err(RunError::NoCluster);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let metrics = Arc::new(metrics::Metrics::default());
     if let Some(addr) = opts.metrics_addr {
         let m = metrics.clone();
