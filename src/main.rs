@@ -459,13 +459,7 @@ fn forget_ambient_credentials() {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    fillfs::fuse::wait_for_shutdown_signal().await;
     tracing::info!("signal received, stopping");
 }
 

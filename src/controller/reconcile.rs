@@ -360,22 +360,27 @@ async fn copy_secret(
     Ok(copy.metadata.name)
 }
 
-/// Reads the last `--progress json` line of the fill and puts its percentage on the PVC.
-async fn report_progress(ctx: &Context, pvc: &PersistentVolumeClaim, pods: &Api<Pod>, name: &str) {
+/// The last `--progress json` line the fill printed.
+async fn last_progress(pods: &Api<Pod>, name: &str) -> Option<serde_json::Value> {
     let params = LogParams {
         container: Some(CONTAINER.into()),
         tail_lines: Some(5),
         ..Default::default()
     };
-    let Ok(log) = pods.logs(name, &params).await else {
-        return;
-    };
-    let Some(percent) = log.lines().rev().find_map(|l| {
+    let log = pods.logs(name, &params).await.ok()?;
+    log.lines().rev().find_map(|l| {
         serde_json::from_str::<serde_json::Value>(l)
-            .ok()?
-            .get("percent")?
-            .as_f64()
-    }) else {
+            .ok()
+            .filter(|v| v.get("percent").is_some())
+    })
+}
+
+/// Puts the fill's percentage on the PVC.
+async fn report_progress(ctx: &Context, pvc: &PersistentVolumeClaim, pods: &Api<Pod>, name: &str) {
+    let Some(percent) = last_progress(pods, name)
+        .await
+        .and_then(|v| v["percent"].as_f64())
+    else {
         return;
     };
     let shown = format!("{percent:.1}%");
@@ -539,24 +544,8 @@ async fn rebind(
 /// Bytes and seconds of a finished fill, from its last progress line.
 async fn fill_summary(ctx: &Context, pod: &Pod) -> (Option<u64>, Option<f64>) {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let params = LogParams {
-        container: Some(CONTAINER.into()),
-        tail_lines: Some(5),
-        ..Default::default()
-    };
-    let log = pods
-        .logs(&pod.name_any(), &params)
-        .await
-        .unwrap_or_default();
-    let last = log
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-    match last {
-        Some(v) => (
-            v.get("bytes_done").and_then(|b| b.as_u64()),
-            v.get("elapsed_s").and_then(|s| s.as_f64()),
-        ),
+    match last_progress(&pods, &pod.name_any()).await {
+        Some(v) => (v["bytes_done"].as_u64(), v["elapsed_s"].as_f64()),
         None => (None, None),
     }
 }

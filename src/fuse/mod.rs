@@ -414,7 +414,8 @@ fn tune_bdi_readahead(mountpoint: &Path, bytes: u64) {
     }
 }
 
-async fn wait_for_shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn wait_for_shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
