@@ -78,7 +78,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     }
     tracing::info!(object = %key, size = %iec(meta.size), target = %target.display(), device = is_device, "writing image");
     let file = Arc::new(file);
-    let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory));
+    let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory, opts.part_size));
     let progress = Arc::new(Progress::new(meta.size, 1));
     let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
     let mut tasks = tokio::task::JoinSet::new();

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use md5::{Digest, Md5};
 use tokio::sync::Semaphore;
 
@@ -34,31 +34,69 @@ pub struct Fetcher {
     pub store: Store,
     pub requests: Semaphore,
     pub memory: Arc<Semaphore>,
+    buffers: Arc<BufferPool>,
 }
 
 impl Fetcher {
-    pub fn new(store: Store, jobs: usize, memory: u64) -> Self {
+    /// `part_size`: the range size whose buffers are kept for reuse.
+    pub fn new(store: Store, jobs: usize, memory: u64, part_size: u64) -> Self {
         let units = (memory / KIB).min(Semaphore::MAX_PERMITS as u64) as usize;
         Fetcher {
             store,
             requests: Semaphore::new(jobs),
             memory: Arc::new(Semaphore::new(units)),
+            buffers: Arc::new(BufferPool {
+                size: part_size as usize,
+                free: std::sync::Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    /// One ranged GET. The returned bytes carry their memory permit until dropped.
+    /// One ranged GET. The returned bytes carry their memory permit (and, for a full
+    /// part, their reusable buffer) until dropped.
     pub async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let len = range.end - range.start;
         let _request = self.requests.acquire().await.expect("semaphore open");
         let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
-        let mem = self
+        let permit = self
             .memory
             .clone()
             .acquire_many_owned(units)
             .await
             .expect("semaphore open");
-        let data = self.store.read_range(key, range).await?;
-        Ok(BytesWithPermit::attach(data, mem))
+        let buf = self.buffers.take(len as usize);
+        let data = self.store.read_range_into(key, range, buf).await?;
+        Ok(Bytes::from_owner(Fetched {
+            data,
+            pool: self.buffers.clone(),
+            _permit: permit,
+        }))
+    }
+}
+
+/// Buffers of one part's size, kept for the next range. A fresh multi-megabyte
+/// allocation is a new mapping whose pages the kernel faults in and zeroes on first write;
+/// measured on 2 × 1 GiB into tmpfs, that was a fifth of the fill's CPU. The pool never
+/// holds more than the memory budget allows in flight at once.
+struct BufferPool {
+    size: usize,
+    free: std::sync::Mutex<Vec<BytesMut>>,
+}
+
+impl BufferPool {
+    fn take(&self, len: usize) -> BytesMut {
+        if len == self.size
+            && let Some(b) = self.free.lock().expect("pool lock").pop()
+        {
+            return b;
+        }
+        BytesMut::with_capacity(len)
+    }
+
+    fn put(&self, buf: BytesMut) {
+        if buf.capacity() == self.size {
+            self.free.lock().expect("pool lock").push(buf);
+        }
     }
 }
 
@@ -253,24 +291,22 @@ impl Copier {
     }
 }
 
-/// Ties a memory permit to a buffer: the permit is released when the last reference to
-/// the bytes is dropped (after the write).
-struct BytesWithPermit {
-    data: Bytes,
+/// A fetched range with its memory permit: when the last reference to the bytes is
+/// dropped (after the write), the buffer goes back to the pool and the permit is released.
+struct Fetched {
+    data: BytesMut,
+    pool: Arc<BufferPool>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl AsRef<[u8]> for BytesWithPermit {
+impl AsRef<[u8]> for Fetched {
     fn as_ref(&self) -> &[u8] {
         &self.data
     }
 }
 
-impl BytesWithPermit {
-    fn attach(data: Bytes, permit: tokio::sync::OwnedSemaphorePermit) -> Bytes {
-        Bytes::from_owner(BytesWithPermit {
-            data,
-            _permit: permit,
-        })
+impl Drop for Fetched {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.data));
     }
 }

@@ -269,14 +269,30 @@ impl Store {
     /// arrives (so the network, not just the caller, is paced). Errors if the store returns
     /// fewer bytes than asked for.
     pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        let want = (range.end - range.start) as usize;
+        Ok(self
+            .read_range_into(key, range, BytesMut::with_capacity(want))
+            .await?
+            .freeze())
+    }
+
+    /// [`read_range`](Self::read_range) into a buffer the caller provides (cleared first),
+    /// so a caller can reuse its buffers.
+    pub async fn read_range_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        mut out: BytesMut,
+    ) -> Result<BytesMut> {
+        out.clear();
         let want = range.end - range.start;
         if want == 0 {
-            return Ok(Bytes::new());
+            return Ok(out);
         }
+        out.reserve(want as usize);
         self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
         let reader = self.op.reader_with(key).await?;
         let mut stream = reader.into_stream(range.clone()).await?;
-        let mut out = BytesMut::with_capacity(want as usize);
         while let Some(buf) = stream.try_next().await? {
             let n = buf.len() as u64;
             for limiter in self.limiters.iter() {
@@ -295,7 +311,7 @@ impl Store {
                 got: out.len() as u64,
             });
         }
-        Ok(out.freeze())
+        Ok(out)
     }
 }
 
