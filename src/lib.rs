@@ -7,6 +7,7 @@
 //! adapter). [`mount`] wires them together for `fillfs mount`; [`populate`] copies a prefix
 //! onto a volume through the same store and limiter.
 
+pub mod buffers;
 pub mod cache;
 pub mod controller;
 pub mod csi;

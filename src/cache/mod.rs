@@ -9,6 +9,9 @@
 //! passes through once, which is exactly the populate workload. `try_get_with` makes
 //! concurrent misses on one block wait for a single fetch.
 //!
+//! Full blocks are read into buffers from a small [`BufferPool`]: an evicted block that no
+//! reader holds any more gives its memory to the next fetch instead of back to the kernel.
+//!
 //! This module owns the cache and the fetch-on-miss of one block. It must not decide what to
 //! fetch ahead ([`crate::prefetch`]) or talk to the store other than via
 //! [`Store::read_range`].
@@ -20,6 +23,7 @@ use bytes::Bytes;
 use moka::future::Cache;
 use moka::policy::EvictionPolicy;
 
+use crate::buffers::BufferPool;
 use crate::error::Error;
 use crate::store::Store;
 
@@ -60,7 +64,13 @@ pub struct BlockCache {
     blocks: Cache<BlockKey, Bytes>,
     block_size: u64,
     stats: Arc<CacheStats>,
+    /// Full blocks' buffers come back here when evicted and no reader holds them.
+    buffers: Arc<BufferPool>,
 }
+
+/// Evicted blocks' buffers kept for the next fetch: enough for a stream's turnover
+/// (evictions and fetches come in pairs), small beside any cache.
+const FREE_BLOCKS_KEPT: usize = 8;
 
 impl BlockCache {
     /// A cache holding at most `capacity` bytes of blocks of `block_size` bytes.
@@ -75,6 +85,7 @@ impl BlockCache {
             blocks,
             block_size,
             stats: Arc::new(CacheStats::default()),
+            buffers: BufferPool::new(block_size as usize, FREE_BLOCKS_KEPT),
         }
     }
 
@@ -128,7 +139,9 @@ impl BlockCache {
             .blocks
             .try_get_with(key, async {
                 fetched.store(true, Ordering::Relaxed);
-                store.read_range(&obj.id.key, range).await
+                let buf = self.buffers.take((range.end - range.start) as usize);
+                let data = store.read_range_into(&obj.id.key, range, buf).await?;
+                Ok::<_, Error>(self.buffers.into_bytes(data, ()))
             })
             .await?;
         let counter = if fetched.load(Ordering::Relaxed) {

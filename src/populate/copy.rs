@@ -16,13 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use md5::{Digest, Md5};
 use tokio::sync::Semaphore;
 
 use super::journal::Journal;
 use super::plan::{FileJob, PART_SUFFIX};
 use super::progress::Progress;
+use crate::buffers::BufferPool;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -45,10 +46,11 @@ impl Fetcher {
             store,
             requests: Semaphore::new(jobs),
             memory: Arc::new(Semaphore::new(units)),
-            buffers: Arc::new(BufferPool {
-                size: part_size as usize,
-                free: std::sync::Mutex::new(Vec::new()),
-            }),
+            // Never more buffers than the memory budget has in flight at once.
+            buffers: BufferPool::new(
+                part_size as usize,
+                (memory / part_size.max(1)).max(1) as usize,
+            ),
         }
     }
 
@@ -66,37 +68,8 @@ impl Fetcher {
             .expect("semaphore open");
         let buf = self.buffers.take(len as usize);
         let data = self.store.read_range_into(key, range, buf).await?;
-        Ok(Bytes::from_owner(Fetched {
-            data,
-            pool: self.buffers.clone(),
-            _permit: permit,
-        }))
-    }
-}
-
-/// Buffers of one part's size, kept for the next range. A fresh multi-megabyte
-/// allocation is a new mapping whose pages the kernel faults in and zeroes on first write;
-/// measured on 2 × 1 GiB into tmpfs, that was a fifth of the fill's CPU. The pool never
-/// holds more than the memory budget allows in flight at once.
-struct BufferPool {
-    size: usize,
-    free: std::sync::Mutex<Vec<BytesMut>>,
-}
-
-impl BufferPool {
-    fn take(&self, len: usize) -> BytesMut {
-        if len == self.size
-            && let Some(b) = self.free.lock().expect("pool lock").pop()
-        {
-            return b;
-        }
-        BytesMut::with_capacity(len)
-    }
-
-    fn put(&self, buf: BytesMut) {
-        if buf.capacity() == self.size {
-            self.free.lock().expect("pool lock").push(buf);
-        }
+        // The permit is released with the buffer, after the write.
+        Ok(self.buffers.into_bytes(data, permit))
     }
 }
 
@@ -288,25 +261,5 @@ impl Copier {
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
         self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
         Ok(n)
-    }
-}
-
-/// A fetched range with its memory permit: when the last reference to the bytes is
-/// dropped (after the write), the buffer goes back to the pool and the permit is released.
-struct Fetched {
-    data: BytesMut,
-    pool: Arc<BufferPool>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Fetched {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for Fetched {
-    fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.data));
     }
 }
