@@ -24,7 +24,8 @@ type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 const UID: &str = "6f1c2b7e-0000-4000-8000-000000000001";
 const NS: &str = "argo";
-const PVC: &str = "parallel-data-process-scratch-volume";
+/// As Argo names an ephemeral claim: `<pod>-<volume>`, longer than a label value may be.
+const PVC: &str = "parallel-data-process-with-ossvp-x7k2p-echo-template-3180521436-scratch-volume";
 const OURS: &str = "fillfs-system";
 
 fn settings() -> Settings {
@@ -46,8 +47,17 @@ fn seed_cr() -> OSSVolumePopulator {
     serde_yaml::from_str(&text).expect("the seed example deserializes")
 }
 
+/// The populator as the API returns it: already found valid, unless it says otherwise.
 fn cr_json(cr: &OSSVolumePopulator) -> Value {
-    serde_json::to_value(cr).unwrap()
+    let mut v = serde_json::to_value(cr).unwrap();
+    v["metadata"]["resourceVersion"] = json!("5");
+    if v.get("status").is_none_or(Value::is_null) {
+        v["status"] = json!({"conditions": [{
+            "type": "Valid", "status": "True", "reason": "Valid", "message": "",
+            "lastTransitionTime": "2026-11-23T09:00:00Z"
+        }]});
+    }
+    v
 }
 
 /// A user PVC as the Argo example creates it.
@@ -122,6 +132,7 @@ fn pod(phase: &str, terminated: Option<(i32, &str)>) -> Value {
     ))
     .unwrap();
     p["metadata"]["creationTimestamp"] = json!("2026-11-23T10:00:00Z");
+    p["metadata"]["uid"] = json!("pod-uid-1");
     p["status"] = json!({"phase": phase});
     if let Some((code, msg)) = terminated {
         p["status"]["containerStatuses"] = json!([{
@@ -212,6 +223,21 @@ fn event_with_reason(reason: &'static str) -> Expect {
     })
 }
 
+/// The one patch that ends a fill: our finalizer out (tested in place), "done" in.
+fn finish_patch(pvc: &Value) -> Expect {
+    expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(|b| {
+        assert_eq!(
+            b,
+            &json!([
+                {"op": "test", "path": "/metadata/finalizers/0", "value": "fillfs.io/populate"},
+                {"op": "remove", "path": "/metadata/finalizers/0"},
+                {"op": "add", "path": "/metadata/annotations", "value": {}},
+                {"op": "add", "path": "/metadata/annotations/fillfs.io~1progress", "value": "done"},
+            ])
+        );
+    })
+}
+
 /// Runs one reconcile of `pvc` against the script; returns its action and the metrics.
 async fn run(
     pvc: Value,
@@ -231,6 +257,13 @@ async fn run(
         poll: Duration::from_secs(10),
     };
     tweak(&mut ctx);
+    // Like the API server, the mock moves the user PVC's resourceVersion on every patch
+    // and refuses a patch that carries an older one.
+    let mut pvc_version: u64 = pvc["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let rec = tokio::spawn(reconcile(Arc::new(pvc_from(&pvc)), Arc::new(ctx)));
     for (i, e) in script.into_iter().enumerate() {
         let Some((req, send)) = handle.next_request().await else {
@@ -253,12 +286,47 @@ async fn run(
                 "request {i}: {uri} lacks {q}"
             );
         }
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string());
         let bytes = req.into_body().collect_bytes().await.unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if body.is_array() {
+            assert_eq!(
+                content_type.as_deref(),
+                Some("application/json-patch+json"),
+                "request {i}"
+            );
+        }
+        if method == Method::POST {
+            assert_valid_labels(&body["metadata"], &format!("request {i}: {uri}"));
+        }
+        let mut reply = e.reply;
+        if method == Method::PATCH && uri.path() == user_pvc_path() {
+            let sent = match &body {
+                Value::Array(ops) => ops
+                    .iter()
+                    .find(|o| o["op"] == "test" && o["path"] == "/metadata/resourceVersion")
+                    .map(|o| o["value"].clone()),
+                _ => body["metadata"].get("resourceVersion").cloned(),
+            };
+            if let Some(sent) = sent {
+                assert_eq!(
+                    sent,
+                    json!(pvc_version.to_string()),
+                    "request {i}: stale resourceVersion (the API server answers 409 Conflict)"
+                );
+            }
+            pvc_version += 1;
+            if let Reply::Json(v) = &mut reply {
+                v["metadata"]["resourceVersion"] = json!(pvc_version.to_string());
+            }
+        }
         if let Some(check) = e.check {
             check(&body);
         }
-        let (status, out) = match e.reply {
+        let (status, out) = match reply {
             Reply::Json(v) => (200, serde_json::to_vec(&v).unwrap()),
             Reply::NotFound => (404, serde_json::to_vec(&not_found()).unwrap()),
             Reply::Echo => (201, bytes.to_vec()),
@@ -284,6 +352,16 @@ async fn run(
     (action, metrics)
 }
 
+/// What the API server's validation says of an object's labels.
+fn assert_valid_labels(meta: &Value, what: &str) {
+    for (k, v) in meta["labels"].as_object().into_iter().flatten() {
+        let v = v.as_str().unwrap();
+        if let Some(problem) = fillfs::controller::crd::label_problem(k, v) {
+            panic!("{what}: 422 Invalid: label {k}={v}: {problem}");
+        }
+    }
+}
+
 fn finalized(v: Value) -> Value {
     with(v, "/metadata/finalizers", json!([objects::FINALIZER]))
 }
@@ -291,6 +369,8 @@ fn finalized(v: Value) -> Value {
 /// Requests of a first reconcile that starts a fill (PVC' and pod missing).
 fn start_fill(selected_node: Option<&'static str>) -> Vec<Expect> {
     vec![
+        expect(Method::GET, prime_path(), Reply::NotFound),
+        expect(Method::GET, pod_path(), Reply::NotFound),
         expect(
             Method::PATCH,
             user_pvc_path(),
@@ -303,7 +383,6 @@ fn start_fill(selected_node: Option<&'static str>) -> Vec<Expect> {
                 "optimistic concurrency"
             );
         }),
-        expect(Method::GET, prime_path(), Reply::NotFound),
         expect(
             Method::POST,
             format!("/api/v1/namespaces/{OURS}/persistentvolumeclaims"),
@@ -311,6 +390,8 @@ fn start_fill(selected_node: Option<&'static str>) -> Vec<Expect> {
         )
         .check(move |b| {
             assert_eq!(b["metadata"]["name"], format!("prime-{UID}"));
+            assert_eq!(b["metadata"]["labels"]["fillfs.io/pvc-uid"], UID);
+            assert_eq!(b["metadata"]["annotations"]["fillfs.io/pvc-name"], PVC);
             assert_eq!(b["spec"]["storageClassName"], "alicloud-disk-essd");
             assert_eq!(b["spec"]["resources"]["requests"]["storage"], "20Gi");
             assert_eq!(b["spec"]["accessModes"], json!(["ReadWriteOnce"]));
@@ -319,7 +400,6 @@ fn start_fill(selected_node: Option<&'static str>) -> Vec<Expect> {
                 selected_node.map_or(Value::Null, |n| json!(n))
             );
         }),
-        expect(Method::GET, pod_path(), Reply::NotFound),
         expect(
             Method::POST,
             format!("/api/v1/namespaces/{OURS}/pods"),
@@ -327,6 +407,15 @@ fn start_fill(selected_node: Option<&'static str>) -> Vec<Expect> {
         )
         .check(move |b| {
             assert_eq!(b["metadata"]["name"], format!("populate-{UID}"));
+            assert_eq!(
+                b["metadata"]["annotations"],
+                json!({
+                    "fillfs.io/pvc-namespace": NS,
+                    "fillfs.io/pvc-name": PVC,
+                    "fillfs.io/populator": "argo/generic-demo"
+                }),
+                "the pod watch maps pods back to claims through these"
+            );
             assert_eq!(
                 b["spec"]["nodeName"],
                 selected_node.map_or(Value::Null, |n| json!(n))
@@ -450,25 +539,15 @@ async fn happy_path_filesystem_from_start_to_rebind() {
     let (action, _) = run(finalized(user_pvc()), script, |_| {}).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(2)));
 
-    // 4. The user's PVC is bound, PVC' is Lost: clean up, drop the finalizer, count it.
+    // 4. The PV controller bound the user's PVC: clean up, then "done" and the finalizer
+    // in one JSON patch (no resourceVersion to go stale), count it.
     let bound = with(finalized(user_pvc()), "/spec/volumeName", json!("d-pv-1"));
     let summary = "{\"bytes_done\":1048576,\"percent\":100.0,\"elapsed_s\":12.5,\"done\":true}\n";
     let script = vec![
-        expect(Method::GET, CR_PATH, Reply::Json(cr.clone())),
-        expect(
-            Method::GET,
-            prime_path(),
-            Reply::Json(prime("Lost", Some("d-pv-1"))),
-        ),
         expect(
             Method::GET,
             pod_path(),
             Reply::Json(pod("Succeeded", Some((0, "")))),
-        ),
-        expect(
-            Method::GET,
-            "/api/v1/persistentvolumes/d-pv-1",
-            Reply::Json(pv(UID)),
         ),
         expect(
             Method::GET,
@@ -486,10 +565,8 @@ async fn happy_path_filesystem_from_start_to_rebind() {
             Reply::Json(prime("Lost", None)),
         ),
         expect(Method::DELETE, secret_path(), Reply::NotFound),
-        expect(Method::PATCH, user_pvc_path(), Reply::Json(bound.clone()))
-            .check(|b| assert_eq!(b["metadata"]["annotations"]["fillfs.io/progress"], "100.0%")),
-        expect(Method::PATCH, user_pvc_path(), Reply::Json(bound.clone()))
-            .check(|b| assert_eq!(b["metadata"]["finalizers"], json!([]))),
+        finish_patch(&bound),
+        expect(Method::GET, CR_PATH, Reply::Json(cr.clone())),
         event_with_reason("Populated"),
         expect(
             Method::GET,
@@ -498,13 +575,18 @@ async fn happy_path_filesystem_from_start_to_rebind() {
                 json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
             ),
         )
-        .query("labelSelector=fillfs.io%2Fpopulator%3Dgeneric-demo"),
+        .query("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfillfs"),
         expect(
             Method::PATCH,
             format!("{CR_PATH}/status"),
             Reply::Json(cr.clone()),
         )
-        .check(|b| assert_eq!(b["status"], json!({"succeeded": 1, "inFlight": 0}))),
+        .check(|b| {
+            assert_eq!(
+                b,
+                &json!({"metadata": {"resourceVersion": "5"}, "status": {"succeeded": 1, "inFlight": 0}})
+            )
+        }),
     ];
     let (action, metrics) = run(bound, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
@@ -535,19 +617,19 @@ async fn block_mode_writes_one_image_raw() {
             SC_PATH,
             Reply::Json(storage_class("Immediate")),
         ),
+        expect(Method::GET, prime_path(), Reply::NotFound),
+        expect(Method::GET, pod_path(), Reply::NotFound),
         expect(
             Method::PATCH,
             user_pvc_path(),
             Reply::Json(finalized(pvc.clone())),
         ),
-        expect(Method::GET, prime_path(), Reply::NotFound),
         expect(
             Method::POST,
             format!("/api/v1/namespaces/{OURS}/persistentvolumeclaims"),
             Reply::Echo,
         )
         .check(|b| assert_eq!(b["spec"]["volumeMode"], "Block")),
-        expect(Method::GET, pod_path(), Reply::NotFound),
         expect(
             Method::POST,
             format!("/api/v1/namespaces/{OURS}/pods"),
@@ -630,7 +712,7 @@ fn running_fill_prefix(cr: &Value) -> Vec<Expect> {
 #[tokio::test]
 async fn a_failed_fill_is_retried_with_backoff() {
     let cr = cr_json(&seed_cr());
-    for (attempts_before, delay) in [(None, 10), (Some("1"), 20)] {
+    for (attempts_before, delay) in [(None, 10u64), (Some("1"), 20)] {
         let mut pvc = finalized(user_pvc());
         if let Some(a) = attempts_before {
             pvc = with(
@@ -641,6 +723,8 @@ async fn a_failed_fill_is_retried_with_backoff() {
         }
         let mut script = running_fill_prefix(&cr);
         let next = attempts_before.map_or(1, |a| a.parse::<u32>().unwrap() + 1);
+        let decided = Arc::new(std::sync::Mutex::new(Value::Null));
+        let seen = decided.clone();
         script.extend([
             expect(
                 Method::GET,
@@ -653,6 +737,14 @@ async fn a_failed_fill_is_retried_with_backoff() {
                     )),
                 )),
             ),
+            // The decision is on the PVC before the pod goes (its deletion wakes us).
+            expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(move |b| {
+                let a = &b["metadata"]["annotations"];
+                assert_eq!(a["fillfs.io/attempts"], next.to_string());
+                assert_eq!(a["fillfs.io/failed-pod"], "pod-uid-1");
+                assert!(a.get("fillfs.io/failed").is_none(), "{a}");
+                *seen.lock().unwrap() = a.clone();
+            }),
             expect(Method::DELETE, pod_path(), Reply::Json(pod("Failed", None))),
             expect(Method::POST, EVENTS, Reply::Echo).check(move |b| {
                 assert_eq!(b["reason"], "FillFailed");
@@ -663,20 +755,46 @@ async fn a_failed_fill_is_retried_with_backoff() {
                     "{note}"
                 );
             }),
-            expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(move |b| {
-                assert_eq!(
-                    b["metadata"]["annotations"]["fillfs.io/attempts"],
-                    next.to_string()
-                )
-            }),
         ]);
-        let (action, metrics) = run(pvc, script, |_| {}).await;
+        let (action, metrics) = run(pvc.clone(), script, |_| {}).await;
         assert_eq!(action, Action::requeue(Duration::from_secs(delay)));
         assert!(
             metrics
                 .render()
                 .contains("fillfs_population_retries_total 1")
         );
+
+        // At once, woken by the patch and the deletion: the pod is gone, the backoff is
+        // not over, so nothing is created; the wait is what is left of it.
+        let annotations = decided.lock().unwrap().clone();
+        let after = with(pvc, "/metadata/annotations", annotations.clone());
+        let retry_after = annotations["fillfs.io/retry-after"].as_str().unwrap();
+        let at = k8s_openapi::chrono::DateTime::parse_from_rfc3339(retry_after).unwrap();
+        let ahead = (at.timestamp() - k8s_openapi::chrono::Utc::now().timestamp()) as u64;
+        assert!((delay - 2..=delay).contains(&ahead), "{retry_after}");
+        let mut script = running_fill_prefix(&cr);
+        script.push(expect(Method::GET, pod_path(), Reply::NotFound));
+        let (action, _) = run(after.clone(), script, |_| {}).await;
+        assert!(
+            (delay - 2..=delay).any(|s| action == Action::requeue(Duration::from_secs(s))),
+            "{action:?}: the rest of the {delay}s backoff"
+        );
+
+        // Once it is over, the next pod starts (PVC' and the finalizer are there already).
+        let mut over = after;
+        over["metadata"]["annotations"]["fillfs.io/retry-after"] = json!("2026-01-01T00:00:00Z");
+        let mut script = running_fill_prefix(&cr);
+        script.extend([
+            expect(Method::GET, pod_path(), Reply::NotFound),
+            expect(
+                Method::POST,
+                format!("/api/v1/namespaces/{OURS}/pods"),
+                Reply::Echo,
+            ),
+            event_with_reason("FillStarted"),
+        ]);
+        let (action, _) = run(over, script, |_| {}).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
     }
 }
 
@@ -707,6 +825,7 @@ async fn permanent_failures_stop_without_a_hot_loop() {
                 json!({"fillfs.io/attempts": a}),
             );
         }
+        let attempts = before.map_or(1, |a| a.parse::<u32>().unwrap() + 1);
         let mut script = running_fill_prefix(&cr);
         script.extend([
             expect(
@@ -714,16 +833,22 @@ async fn permanent_failures_stop_without_a_hot_loop() {
                 pod_path(),
                 Reply::Json(pod("Failed", Some((code, msg)))),
             ),
+            expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(move |b| {
+                assert_eq!(
+                    b["metadata"]["annotations"],
+                    json!({
+                        "fillfs.io/progress": format!("failed: {msg}"),
+                        "fillfs.io/failed": msg,
+                        "fillfs.io/attempts": attempts.to_string(),
+                        "fillfs.io/failed-pod": "pod-uid-1",
+                    })
+                );
+            }),
             expect(Method::DELETE, pod_path(), Reply::Json(pod("Failed", None))),
             expect(Method::POST, EVENTS, Reply::Echo).check(move |b| {
                 let note = b["note"].as_str().unwrap();
                 assert!(note.contains(why) && note.contains("giving up"), "{note}");
-            }),
-            expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(move |b| {
-                let p = b["metadata"]["annotations"]["fillfs.io/progress"]
-                    .as_str()
-                    .unwrap();
-                assert!(p.starts_with("failed: ") && p.contains(&msg[..20]), "{p}");
+                assert!(note.contains(msg), "{note}");
             }),
             expect(
                 Method::GET,
@@ -739,7 +864,7 @@ async fn permanent_failures_stop_without_a_hot_loop() {
             )
             .check(|b| assert_eq!(b["status"], json!({"failed": 1, "inFlight": 0}))),
         ]);
-        let (action, metrics) = run(pvc, script, |_| {}).await;
+        let (action, metrics) = run(pvc.clone(), script, |_| {}).await;
         assert_eq!(
             action,
             Action::await_change(),
@@ -750,6 +875,29 @@ async fn permanent_failures_stop_without_a_hot_loop() {
                 .render()
                 .contains("fillfs_populations_total{result=\"failed\"} 1")
         );
+
+        // Woken at once by the patch and the deletion: the pod is gone and nothing starts.
+        let mut after = pvc.clone();
+        after["metadata"]["annotations"]["fillfs.io/failed"] = json!(msg);
+        after["metadata"]["annotations"]["fillfs.io/failed-pod"] = json!("pod-uid-1");
+        let mut script = running_fill_prefix(&cr);
+        script.push(expect(Method::GET, pod_path(), Reply::NotFound));
+        let (action, _) = run(after.clone(), script, |_| {}).await;
+        assert_eq!(action, Action::await_change());
+
+        // The pod's deletion did not go through: it is deleted again, not counted again.
+        let mut script = running_fill_prefix(&cr);
+        script.extend([
+            expect(
+                Method::GET,
+                pod_path(),
+                Reply::Json(pod("Failed", Some((code, msg)))),
+            ),
+            expect(Method::DELETE, pod_path(), Reply::Json(pod("Failed", None))),
+        ]);
+        let (action, metrics) = run(after, script, |_| {}).await;
+        assert_eq!(action, Action::await_change());
+        assert!(!metrics.render().contains("result=\"failed\"} 1"));
     }
 }
 
@@ -778,8 +926,11 @@ async fn deleting_the_pvc_mid_fill_cleans_up_at_once() {
         expect(Method::DELETE, secret_path(), Reply::NotFound),
         expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(|b| {
             assert_eq!(
-                b["metadata"]["finalizers"],
-                json!(["kubernetes.io/pvc-protection"])
+                b,
+                &json!([
+                    {"op": "test", "path": "/metadata/finalizers/1", "value": "fillfs.io/populate"},
+                    {"op": "remove", "path": "/metadata/finalizers/1"},
+                ])
             )
         }),
     ];
@@ -835,11 +986,43 @@ async fn an_invalid_spec_never_creates_a_pod() {
     let (action, _) = run(user_pvc(), script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 
-    // A PVC without a size is refused the same way.
+    // Fixed: Valid goes back to True (then the claim waits for its consumer here).
+    let mut fixed = cr_json(&seed_cr());
+    fixed["status"]["conditions"][0]["status"] = json!("False");
+    fixed["status"]["conditions"][0]["message"] = json!("spec.bucket \"My_Bucket\" ...");
+    let script = vec![
+        expect(Method::GET, CR_PATH, Reply::Json(fixed.clone())),
+        expect(
+            Method::PATCH,
+            format!("{CR_PATH}/status"),
+            Reply::Json(fixed),
+        )
+        .check(|b| {
+            let c = &b["status"]["conditions"][0];
+            assert_eq!(
+                (
+                    c["type"].as_str(),
+                    c["status"].as_str(),
+                    c["message"].as_str()
+                ),
+                (Some("Valid"), Some("True"), Some(""))
+            );
+        }),
+        expect(
+            Method::GET,
+            SC_PATH,
+            Reply::Json(storage_class("WaitForFirstConsumer")),
+        ),
+    ];
+    let (action, _) = run(user_pvc(), script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+
+    // A PVC without a size is refused on that PVC only: the shared populator stays Valid.
     let no_size = with(user_pvc(), "/spec/resources", json!({}));
     let script = vec![
         expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
         expect(Method::POST, EVENTS, Reply::Echo).check(|b| {
+            assert_eq!(b["reason"], "InvalidClaim");
             assert!(
                 b["note"]
                     .as_str()
@@ -847,13 +1030,53 @@ async fn an_invalid_spec_never_creates_a_pod() {
                     .contains("requests no storage size")
             );
         }),
-        expect(
-            Method::PATCH,
-            format!("{CR_PATH}/status"),
-            Reply::Json(cr_json(&seed_cr())),
-        ),
+        expect(Method::PATCH, user_pvc_path(), Reply::Json(user_pvc())).check(|b| {
+            let why = b["metadata"]["annotations"]["fillfs.io/invalid"]
+                .as_str()
+                .unwrap();
+            assert!(why.contains("requests no storage size"), "{why}");
+        }),
     ];
-    run(no_size, script, |_| {}).await;
+    let (action, _) = run(no_size, script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn block_mode_from_a_prefix_is_refused_before_anything_is_created() {
+    let cr = cr_json(&seed_cr()); // path: /many-files/
+    let pvc = with(user_pvc(), "/spec/volumeMode", json!("Block"));
+    let reason = Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = reason.clone();
+    let script = vec![
+        expect(Method::GET, CR_PATH, Reply::Json(cr.clone())),
+        expect(Method::POST, EVENTS, Reply::Echo).check(|b| {
+            assert_eq!(b["reason"], "InvalidClaim");
+            let note = b["note"].as_str().unwrap();
+            assert!(
+                note.contains("volumeMode Block") && note.contains("\"/many-files/\""),
+                "{note}"
+            );
+        }),
+        expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(move |b| {
+            *seen.lock().unwrap() = b["metadata"]["annotations"]["fillfs.io/invalid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }),
+    ];
+    let (action, _) = run(pvc.clone(), script, |_| {}).await;
+    assert_eq!(action, Action::await_change(), "permanent: not retried");
+    // Said once: the reconcile the annotation wakes makes no request but the populator's.
+    let reason = reason.lock().unwrap().clone();
+    assert!(reason.contains("/images/disk.img"), "{reason}");
+    let said = with(
+        pvc,
+        "/metadata/annotations",
+        json!({"fillfs.io/invalid": reason}),
+    );
+    let script = vec![expect(Method::GET, CR_PATH, Reply::Json(cr))];
+    let (action, _) = run(said, script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
 }
 
 #[tokio::test]
@@ -868,7 +1091,8 @@ async fn an_access_key_secret_is_copied_next_to_the_pod() {
         "metadata": {"name": "oss-creds", "namespace": NS},
         "data": {"akId": "TFRBSWlk", "akSecret": "c2VjcmV0", "unrelated": "eA=="}
     });
-    let prefix = |cr: &OSSVolumePopulator| {
+    let secret_path = format!("/api/v1/namespaces/{NS}/secrets/oss-creds");
+    let prefix = |cr: &OSSVolumePopulator, prime_exists: bool| {
         vec![
             expect(Method::GET, CR_PATH, Reply::Json(cr_json(cr))),
             expect(
@@ -879,18 +1103,18 @@ async fn an_access_key_secret_is_copied_next_to_the_pod() {
             expect(
                 Method::GET,
                 prime_path(),
-                Reply::Json(prime("Bound", Some("d-pv-1"))),
+                if prime_exists {
+                    Reply::Json(prime("Bound", Some("d-pv-1")))
+                } else {
+                    Reply::NotFound
+                },
             ),
             expect(Method::GET, pod_path(), Reply::NotFound),
         ]
     };
-    let mut script = prefix(&cr);
+    let mut script = prefix(&cr, true);
     script.extend([
-        expect(
-            Method::GET,
-            format!("/api/v1/namespaces/{NS}/secrets/oss-creds"),
-            Reply::Json(secret),
-        ),
+        expect(Method::GET, secret_path.clone(), Reply::Json(secret)),
         expect(
             Method::POST,
             format!("/api/v1/namespaces/{OURS}/secrets"),
@@ -921,17 +1145,99 @@ async fn an_access_key_secret_is_copied_next_to_the_pod() {
     ]);
     run(finalized(user_pvc()), script, |_| {}).await;
 
-    // A missing Secret: an event, and no pod.
-    let mut script = prefix(&cr);
+    // A new claim and a missing Secret: an event, and nothing written (no finalizer, no
+    // PVC'); Secrets are not watched, so it looks again in 30 s.
+    let mut script = prefix(&cr, false);
     script.extend([
+        expect(Method::GET, secret_path.clone(), Reply::NotFound),
+        expect(Method::POST, EVENTS, Reply::Echo).check(|b| {
+            assert_eq!(b["reason"], "SecretNotFound");
+            assert!(b["note"].as_str().unwrap().contains("argo/oss-creds"));
+        }),
+    ]);
+    let (action, _) = run(user_pvc(), script, |_| {}).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+    // A Secret without akSecret: the same, naming the key and never a value.
+    let partial = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "oss-creds", "namespace": NS},
+        "data": {"akId": "TFRBSWlk"}
+    });
+    let mut script = prefix(&cr, false);
+    script.extend([
+        expect(Method::GET, secret_path, Reply::Json(partial)),
+        expect(Method::POST, EVENTS, Reply::Echo).check(|b| {
+            assert_eq!(b["reason"], "SecretInvalid");
+            let note = b["note"].as_str().unwrap();
+            assert!(note.contains("no akSecret"), "{note}");
+            assert!(
+                !note.contains("TFRBSWlk") && !note.contains("LTAIid"),
+                "{note}"
+            );
+        }),
+    ]);
+    let (action, _) = run(user_pvc(), script, |_| {}).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+}
+
+#[tokio::test]
+async fn a_bound_claim_is_only_cleaned_up_never_filled_again() {
+    // The finish patch failed once (e.g. a conflict) after the clean-up: the retry finds
+    // the claim bound, PVC' and the pod gone. It must not start a new fill.
+    let bound = with(finalized(user_pvc()), "/spec/volumeName", json!("d-pv-1"));
+    let script = vec![
+        expect(Method::GET, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, prime_path(), Reply::NotFound),
+        expect(Method::DELETE, secret_path(), Reply::NotFound),
+        finish_patch(&bound),
+        expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
+        event_with_reason("Populated"),
         expect(
             Method::GET,
-            format!("/api/v1/namespaces/{NS}/secrets/oss-creds"),
-            Reply::NotFound,
+            format!("/api/v1/namespaces/{OURS}/pods"),
+            Reply::Json(
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+            ),
         ),
-        event_with_reason("SecretNotFound"),
-    ]);
-    let (action, _) = run(finalized(user_pvc()), script, |_| {}).await;
+        expect(
+            Method::PATCH,
+            format!("{CR_PATH}/status"),
+            Reply::Json(cr_json(&seed_cr())),
+        ),
+    ];
+    let (action, _) = run(bound.clone(), script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+
+    // Its populator deleted meanwhile: still cleaned up and released.
+    let script = vec![
+        expect(Method::GET, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, prime_path(), Reply::NotFound),
+        expect(Method::DELETE, secret_path(), Reply::NotFound),
+        finish_patch(&bound),
+        expect(Method::GET, CR_PATH, Reply::NotFound),
+        event_with_reason("Populated"),
+    ];
+    let (action, _) = run(bound, script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_populator_in_another_namespace_is_refused_without_reading_it() {
+    let cross = with(user_pvc(), "/spec/dataSourceRef/namespace", json!("data"));
+    let script = vec![
+        expect(Method::POST, EVENTS, Reply::Echo).check(|b| {
+            assert_eq!(b["reason"], "InvalidClaim");
+            let note = b["note"].as_str().unwrap();
+            assert!(note.contains("dataSourceRef.namespace \"data\""), "{note}");
+        }),
+        expect(Method::PATCH, user_pvc_path(), Reply::Json(user_pvc())).check(|b| {
+            assert!(b["metadata"]["annotations"]["fillfs.io/invalid"].is_string());
+        }),
+    ];
+    let (action, _) = run(cross, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 }
 
@@ -995,6 +1301,89 @@ fn generated_prime_pvc_and_pod_match_golden_files() {
         ))
         .unwrap(),
     );
+}
+
+#[test]
+fn argo_length_claim_names_stay_out_of_label_values() {
+    assert!(
+        PVC.len() > 63,
+        "the test needs a name longer than a label value"
+    );
+    let pvc = pvc_from(&user_pvc());
+    let mut cr = seed_cr();
+    // As long as the API allows an object name to be.
+    cr.metadata.name = Some(format!("populator-{}", "x".repeat(200)));
+    let prime = objects::prime_pvc(&pvc, &cr, &settings(), Some("node-7"));
+    let pod = objects::fill_pod(&pvc, &cr, &settings(), None, Some("populate-x"));
+    let secret = objects::copied_secret(&Default::default(), &pvc, &cr, &settings());
+    for (what, meta) in [
+        ("PVC'", &prime.metadata),
+        ("pod", &pod.metadata),
+        ("secret", &secret.metadata),
+    ] {
+        assert_valid_labels(&serde_json::to_value(meta).unwrap(), what);
+        assert_eq!(
+            objects::owner_of(meta),
+            Some((NS.to_string(), PVC.to_string())),
+            "{what}: maps back to the claim"
+        );
+        assert_eq!(meta.labels.as_ref().unwrap()["fillfs.io/pvc-uid"], UID);
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["fillfs.io/populator"],
+            format!("argo/{}", cr.metadata.name.as_ref().unwrap())
+        );
+    }
+    assert_eq!(
+        pod.metadata.labels.as_ref().unwrap()["alibabacloud.com/acs"],
+        "true"
+    );
+}
+
+#[test]
+fn populator_labels_and_node_selectors_are_checked_as_the_api_server_would() {
+    use std::collections::BTreeMap;
+    let mut ok = seed_cr();
+    let generic = ok.spec.generic.as_mut().unwrap();
+    generic
+        .labels
+        .insert("example.com/a_b-c.d".into(), String::new());
+    generic.node_selector = BTreeMap::from([(
+        "node.kubernetes.io/instance-type".into(),
+        "ecs.g7.large".into(),
+    )]);
+    ok.spec.validate().expect("valid labels pass");
+
+    let long_value = "v".repeat(64);
+    let cases: Vec<(&str, &str, &str, bool)> = vec![
+        (
+            "team",
+            &long_value,
+            "at most 63 characters (this one has 64)",
+            false,
+        ),
+        ("Example.COM/x", "y", "not a DNS subdomain", false),
+        ("x/", "y", "1-63 characters", false),
+        ("x", "-y", "beginning and ending alphanumeric", false),
+        ("fillfs.io/pvc-uid", "u", "set by the controller", false),
+        (
+            "app.kubernetes.io/managed-by",
+            "me",
+            "set by the controller",
+            false,
+        ),
+        ("zone", &long_value, "nodeSelector", true),
+    ];
+    for (k, v, want, node_selector) in cases {
+        let mut cr = seed_cr();
+        let generic = cr.spec.generic.as_mut().unwrap();
+        if node_selector {
+            generic.node_selector.insert(k.into(), v.into());
+        } else {
+            generic.labels.insert(k.into(), v.into());
+        }
+        let err = cr.spec.validate().expect_err(k);
+        assert!(err.contains(want), "{k}={v}: {err}");
+    }
 }
 
 #[test]
@@ -1086,8 +1475,12 @@ fn the_fill_pods_csi_volume_is_accepted_by_the_csi_plugin() {
         spec.store.source.to_string(),
         "oss://my-test-bucket/many-files/"
     );
+    // (The CSI side may spell it with its scheme.)
     assert_eq!(
-        spec.store.endpoint.as_deref(),
+        spec.store
+            .endpoint
+            .as_deref()
+            .map(|e| e.trim_start_matches("https://")),
         Some("oss-cn-hangzhou-internal.aliyuncs.com")
     );
     assert_eq!(

@@ -193,11 +193,31 @@ impl OSSVolumePopulatorSpec {
             }
         }
         for (k, v) in &g.labels {
-            if k.is_empty() || k.len() > 317 || v.len() > 63 {
+            if k.starts_with("fillfs.io/") || k == "app.kubernetes.io/managed-by" {
                 return Err(format!(
-                    "spec.generic.labels {k:?}: {v:?} is not a valid label"
+                    "spec.generic.labels {k:?} is set by the controller itself"
                 ));
             }
+            label_problem(k, v).map_or(Ok(()), |p| {
+                Err(format!("spec.generic.labels {k:?}: {v:?}: {p}"))
+            })?;
+        }
+        for (k, v) in &g.node_selector {
+            label_problem(k, v).map_or(Ok(()), |p| {
+                Err(format!("spec.generic.nodeSelector {k:?}: {v:?}: {p}"))
+            })?;
+        }
+        for t in &g.tolerations {
+            let key = t.key.as_deref().unwrap_or_default();
+            let value = t.value.as_deref().unwrap_or_default();
+            let problem = if key.is_empty() {
+                label_value_problem(value)
+            } else {
+                label_problem(key, value)
+            };
+            problem.map_or(Ok(()), |p| {
+                Err(format!("spec.generic.tolerations {key:?}: {value:?}: {p}"))
+            })?;
         }
         Ok(())
     }
@@ -207,4 +227,59 @@ impl OSSVolumePopulatorSpec {
         self.throughput
             .map(|mb| (mb as f64 * 1_000_000.0 / 1_048_576.0 * 1000.0).round() / 1000.0)
     }
+}
+
+/// Why `key: value` is not a Kubernetes label (the API server's rules), if it is not.
+pub fn label_problem(key: &str, value: &str) -> Option<String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && !is_dns_subdomain(p)
+    {
+        return Some(format!(
+            "the key's prefix {p:?} is not a DNS subdomain (lowercase, at most 253 characters)"
+        ));
+    }
+    if name.is_empty() || name.len() > 63 || !is_label_word(name) {
+        return Some(format!(
+            "the key's name {name:?} must be 1-63 characters of a-z, A-Z, 0-9, '-', '_', '.', beginning and ending alphanumeric"
+        ));
+    }
+    label_value_problem(value)
+}
+
+/// Why `value` is not a label value, if it is not.
+pub fn label_value_problem(value: &str) -> Option<String> {
+    if value.len() > 63 || !(value.is_empty() || is_label_word(value)) {
+        return Some(format!(
+            "a label value is at most 63 characters (this one has {}) of a-z, A-Z, 0-9, '-', '_', '.', beginning and ending alphanumeric",
+            value.len()
+        ));
+    }
+    None
+}
+
+fn is_label_word(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        })
 }

@@ -5,7 +5,8 @@
 //! - [`reconcile`]: the state machine for one user PVC, one API call at a time.
 //! - [`metrics`]: `fillfs_*` Prometheus metrics and their HTTP endpoint.
 //!
-//! [`run`] watches PVCs (the trigger), the fill pods (mapped back to their PVC by labels)
+//! [`run`] watches PVCs (the trigger), the fill pods (selected by the managed-by label,
+//! mapped back to their PVC by annotations: a PVC's name may be too long for a label value)
 //! and the populators (a populator that appears wakes the PVCs waiting for it).
 
 pub mod crd;
@@ -95,16 +96,8 @@ pub async fn run(opts: ControllerOptions) -> Result<(), RunError> {
             pods,
             watcher::Config::default().labels(&format!("{}=fillfs", objects::LABEL_MANAGED_BY)),
             |pod: Pod| {
-                let l = pod.metadata.labels.unwrap_or_default();
-                match (
-                    l.get(objects::LABEL_PVC_NAMESPACE),
-                    l.get(objects::LABEL_PVC_NAME),
-                ) {
-                    (Some(ns), Some(name)) => {
-                        Some(ObjectRef::<PersistentVolumeClaim>::new(name).within(ns))
-                    }
-                    _ => None,
-                }
+                objects::owner_of(&pod.metadata)
+                    .map(|(ns, name)| ObjectRef::<PersistentVolumeClaim>::new(&name).within(&ns))
             },
         )
         .watches(

@@ -3,6 +3,12 @@
 //! populator uses an access key, a copy of its Secret next to the pod. Golden tests pin them.
 //!
 //! Owns names, labels, annotations and the pod's command line; it must not call the API.
+//!
+//! Label values are at most 63 characters, and the names of user PVCs are not: Argo names
+//! an ephemeral claim `<workflow>-<template>-<hash>-<volume>` (about 78 characters for the
+//! source article's workflow). So the only label tying our objects to a user PVC is its uid
+//! (36 characters, for selectors); its namespace and name, and the populator's, are
+//! annotations (what the pod watch maps back through).
 
 use std::collections::BTreeMap;
 
@@ -25,15 +31,30 @@ pub const FINALIZER: &str = "fillfs.io/populate";
 pub const ANN_PROGRESS: &str = "fillfs.io/progress";
 /// On the user's PVC: failed fill attempts so far.
 pub const ANN_ATTEMPTS: &str = "fillfs.io/attempts";
+/// On the user's PVC: a fill failed for good (the reason). Nothing more is tried until the
+/// annotation is removed.
+pub const ANN_FAILED: &str = "fillfs.io/failed";
+/// On the user's PVC: no new fill pod before this time (RFC 3339), the backoff of a
+/// transient failure.
+pub const ANN_RETRY_AFTER: &str = "fillfs.io/retry-after";
+/// On the user's PVC: the uid of the fill pod whose failure the annotations above record
+/// (so a pod whose deletion did not go through is not counted twice).
+pub const ANN_FAILED_POD: &str = "fillfs.io/failed-pod";
+/// On the user's PVC: why the PVC cannot be filled as it is (its own spec, not the
+/// populator's); checked again at every reconcile.
+pub const ANN_INVALID: &str = "fillfs.io/invalid";
 /// Set by the scheduler on a WaitForFirstConsumer PVC.
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 /// On the PV after the fill: `namespace/name` of the populator.
 pub const ANN_POPULATED_FROM: &str = "fillfs.io/populated-from";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The user PVC's uid: the one label tying our objects to it (always 36 characters).
 pub const LABEL_PVC_UID: &str = "fillfs.io/pvc-uid";
-pub const LABEL_PVC_NAMESPACE: &str = "fillfs.io/pvc-namespace";
-pub const LABEL_PVC_NAME: &str = "fillfs.io/pvc-name";
-pub const LABEL_POPULATOR: &str = "fillfs.io/populator";
+/// On our objects: the user PVC's namespace and name (too long for label values).
+pub const ANN_PVC_NAMESPACE: &str = "fillfs.io/pvc-namespace";
+pub const ANN_PVC_NAME: &str = "fillfs.io/pvc-name";
+/// On our objects: `namespace/name` of the populator.
+pub const ANN_POPULATOR: &str = "fillfs.io/populator";
 /// The fill container's name (its logs carry the progress lines).
 pub const CONTAINER: &str = "populate";
 /// Exit status of `fillfs populate` for a failure that a retry cannot fix.
@@ -68,27 +89,48 @@ fn uid(pvc: &PersistentVolumeClaim) -> &str {
     pvc.metadata.uid.as_deref().unwrap_or_default()
 }
 
-/// Labels tying an object to the user's PVC and the populator.
-pub fn owner_labels(
+/// Labels of our objects: short, fixed-length values only (see the module's doc).
+pub fn owner_labels(pvc: &PersistentVolumeClaim) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), "fillfs".to_string()),
+        (LABEL_PVC_UID.to_string(), uid(pvc).to_string()),
+    ])
+}
+
+/// Annotations naming the user's PVC and the populator an object works for.
+pub fn owner_annotations(
     pvc: &PersistentVolumeClaim,
     cr: &OSSVolumePopulator,
 ) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (LABEL_MANAGED_BY.to_string(), "fillfs".to_string()),
-        (LABEL_PVC_UID.to_string(), uid(pvc).to_string()),
         (
-            LABEL_PVC_NAMESPACE.to_string(),
+            ANN_PVC_NAMESPACE.to_string(),
             pvc.metadata.namespace.clone().unwrap_or_default(),
         ),
         (
-            LABEL_PVC_NAME.to_string(),
+            ANN_PVC_NAME.to_string(),
             pvc.metadata.name.clone().unwrap_or_default(),
         ),
-        (
-            LABEL_POPULATOR.to_string(),
-            cr.metadata.name.clone().unwrap_or_default(),
-        ),
+        (ANN_POPULATOR.to_string(), populator_key(cr)),
     ])
+}
+
+/// `namespace/name` of a populator.
+pub fn populator_key(cr: &OSSVolumePopulator) -> String {
+    format!(
+        "{}/{}",
+        cr.metadata.namespace.as_deref().unwrap_or_default(),
+        cr.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The user PVC (namespace, name) one of our objects works for, from its annotations.
+pub fn owner_of(meta: &ObjectMeta) -> Option<(String, String)> {
+    let a = meta.annotations.as_ref()?;
+    Some((
+        a.get(ANN_PVC_NAMESPACE)?.clone(),
+        a.get(ANN_PVC_NAME)?.clone(),
+    ))
 }
 
 /// Whether the user's PVC is a block volume.
@@ -105,13 +147,16 @@ pub fn prime_pvc(
     selected_node: Option<&str>,
 ) -> PersistentVolumeClaim {
     let spec = pvc.spec.clone().unwrap_or_default();
+    let mut annotations = owner_annotations(pvc, cr);
+    if let Some(n) = selected_node {
+        annotations.insert(ANN_SELECTED_NODE.to_string(), n.to_string());
+    }
     PersistentVolumeClaim {
         metadata: ObjectMeta {
             name: Some(prime_name(uid(pvc))),
             namespace: Some(settings.namespace.clone()),
-            labels: Some(owner_labels(pvc, cr)),
-            annotations: selected_node
-                .map(|n| BTreeMap::from([(ANN_SELECTED_NODE.to_string(), n.to_string())])),
+            labels: Some(owner_labels(pvc)),
+            annotations: Some(annotations),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -184,7 +229,7 @@ pub fn fill_pod(
     }
 
     let mut labels = generic.labels.clone();
-    labels.extend(owner_labels(pvc, cr));
+    labels.extend(owner_labels(pvc));
 
     let (volume_mounts, volume_devices) = if block {
         (
@@ -236,6 +281,7 @@ pub fn fill_pod(
             name: Some(pod_name(uid)),
             namespace: Some(settings.namespace.clone()),
             labels: Some(labels),
+            annotations: Some(owner_annotations(pvc, cr)),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -333,7 +379,8 @@ pub fn copied_secret(
         metadata: ObjectMeta {
             name: Some(secret_name(uid(pvc))),
             namespace: Some(settings.namespace.clone()),
-            labels: Some(owner_labels(pvc, cr)),
+            labels: Some(owner_labels(pvc)),
+            annotations: Some(owner_annotations(pvc, cr)),
             ..Default::default()
         },
         data: src.data.as_ref().map(|d| {

@@ -3,14 +3,21 @@
 //! so a restarted controller carries on).
 //!
 //! ```text
-//! not ours / already bound ─────────────────────────────────────────► nothing
+//! not ours ─────────────────────────────────────────────────────────► nothing
 //! being deleted ──► delete pod, PVC', secret ──► drop finalizer
+//! bound (volumeName set) ──► ours: delete pod, PVC', secret; "done" + drop finalizer
+//!                            (one patch); never a new PVC' or pod
+//! dataSourceRef in another namespace ──► event + fillfs.io/invalid on the PVC
 //! populator missing ──► event, retry in 30 s (and when it appears)
-//! spec invalid ──► event + Valid=False on the populator, no pod, wait for a change
+//! populator invalid ──► event + Valid=False on the populator (else Valid=True)
+//! claim unusable (no size, Block from a prefix) ──► event + fillfs.io/invalid on the PVC
 //! WaitForFirstConsumer without selected node ──► wait
-//! finalizer ──► PVC' ──► (secret copy) ──► fill pod ──► progress annotation while it runs
-//! pod failed ──► event; retry with backoff, or permanent failure (exit 2, or attempts used)
-//! pod succeeded ──► PV.claimRef := user PVC ──► PVC' Lost ──► clean up, drop finalizer
+//! no pod: fillfs.io/failed ──► nothing; fillfs.io/retry-after ahead ──► wait for it
+//!         Secret or its keys missing ──► event, look again in 30 s (nothing written)
+//!         else finalizer ──► PVC' ──► (secret copy) ──► fill pod
+//! pod running ──► progress annotation
+//! pod failed ──► decision on the PVC (retry-after, or failed) ──► delete pod ──► event
+//! pod succeeded ──► PV.claimRef := user PVC ──► (PV controller binds it: see "bound")
 //! ```
 //!
 //! Owns the order of API calls (tests pin it request by request); the objects themselves
@@ -23,6 +30,7 @@ use k8s_openapi::api::core::v1::{
     ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::chrono;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -152,7 +160,7 @@ pub async fn reconcile(
     if pvc.meta().deletion_timestamp.is_some() {
         if ours {
             cleanup(&ctx, &uid).await?;
-            remove_finalizer(&ctx, &pvc).await?;
+            drop_finalizer(&ctx, &pvc, None).await?;
             tracing::info!(pvc = %format!("{ns}/{}", pvc.name_any()), "PVC deleted; fill cleaned up");
         }
         return Ok(Action::await_change());
@@ -162,8 +170,21 @@ pub async fn reconcile(
         .as_ref()
         .and_then(|s| s.volume_name.as_deref())
         .is_some_and(|v| !v.is_empty());
-    if bound && !ours {
+    if bound {
+        // As in lib-volume-populator: a bound claim has its volume, so the fill is over
+        // (or was never ours). Only clean up; never create PVC' or a pod for it again.
+        if ours {
+            return finish(&ctx, &pvc, &cr_ns, &cr_name).await;
+        }
         return Ok(Action::await_change());
+    }
+    if cr_ns != ns {
+        // Needs ReferenceGrant support (CrossNamespaceVolumeDataSource), which we lack;
+        // and reading another namespace's populator for this claim would bypass it.
+        let reason = format!(
+            "dataSourceRef.namespace {cr_ns:?} is not supported: the OSSVolumePopulator must be in the claim's namespace {ns:?}"
+        );
+        return reject_pvc(&ctx, &pvc, &reason).await;
     }
 
     let crs: Api<OSSVolumePopulator> = Api::namespaced(ctx.client.clone(), &cr_ns);
@@ -178,75 +199,51 @@ pub async fn reconcile(
         .await;
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
-    if let Err(reason) = cr.spec.validate().and_then(|()| check_pvc(&pvc)) {
+    if let Err(reason) = cr.spec.validate() {
         event(
             &ctx,
             &pvc,
             EventType::Warning,
             "InvalidSpec",
-            reason.clone(),
+            format!("OSSVolumePopulator {cr_ns}/{cr_name}: {reason}"),
         )
         .await;
         set_valid(&ctx, &cr, Some(&reason)).await?;
         return Ok(Action::await_change());
     }
+    set_valid(&ctx, &cr, None).await?;
+    if let Err(reason) = check_pvc(&pvc, &cr) {
+        return reject_pvc(&ctx, &pvc, &reason).await;
+    }
+    if annotation(&pvc, ANN_INVALID).is_some() {
+        annotate(&ctx, &pvc, json!({ ANN_INVALID: null })).await?;
+    }
 
     let selected_node = annotation(&pvc, ANN_SELECTED_NODE).map(str::to_string);
-    if !bound && selected_node.is_none() && waits_for_consumer(&ctx, &pvc).await? {
+    if selected_node.is_none() && waits_for_consumer(&ctx, &pvc).await? {
         tracing::debug!(pvc = %pvc.name_any(), "waiting for the first consumer");
         return Ok(Action::await_change());
     }
 
+    let ours_ns = &ctx.settings.namespace;
+    let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ours_ns);
+    let prime = get_opt(&primes, &prime_name(&uid)).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
+    let Some(pod) = get_opt(&pods, &pod_name(&uid)).await? else {
+        return start_fill(&ctx, &pvc, &cr, ours, prime, selected_node.as_deref()).await;
+    };
     if !ours {
         add_finalizer(&ctx, &pvc).await?;
     }
-
-    let ours_ns = &ctx.settings.namespace;
-    let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ours_ns);
-    let prime = match get_opt(&primes, &prime_name(&uid)).await? {
+    let prime = match prime {
         Some(p) => p,
         None => {
             let p = objects::prime_pvc(&pvc, &cr, &ctx.settings, selected_node.as_deref());
             primes.create(&PostParams::default(), &p).await?
         }
     };
-
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
-    let Some(pod) = get_opt(&pods, &pod_name(&uid)).await? else {
-        let secret = match &cr.spec.credentials_secret_ref {
-            Some(r) => Some(copy_secret(&ctx, &pvc, &cr, &cr_ns, &r.name).await?),
-            None => None,
-        };
-        let Some(secret) = secret.map_or(Some(None), |s| s.map(Some)) else {
-            return Ok(Action::await_change());
-        };
-        let pod = objects::fill_pod(
-            &pvc,
-            &cr,
-            &ctx.settings,
-            selected_node.as_deref(),
-            secret.as_deref(),
-        );
-        pods.create(&PostParams::default(), &pod).await?;
-        ctx.metrics.in_flight.inc();
-        event(
-            &ctx,
-            &pvc,
-            EventType::Normal,
-            "FillStarted",
-            format!(
-                "filling from oss://{}{} with pod {ours_ns}/{}",
-                cr.spec.bucket,
-                cr.spec.path,
-                pod_name(&uid)
-            ),
-        )
-        .await;
-        return Ok(Action::requeue(ctx.poll));
-    };
-
     match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Succeeded") => rebind(&ctx, &pvc, &cr, &prime, &pod).await,
+        Some("Succeeded") => rebind(&ctx, &pvc, &cr, &prime).await,
         Some("Failed") => failed(&ctx, &pvc, &cr, &pod).await,
         _ => {
             report_progress(&ctx, &pvc, &pods, &pod_name(&uid)).await;
@@ -255,8 +252,105 @@ pub async fn reconcile(
     }
 }
 
-/// What the user's PVC must look like for a fill.
-fn check_pvc(pvc: &PersistentVolumeClaim) -> Result<(), String> {
+/// No fill pod: start one, unless a failure decided otherwise, or the credentials are
+/// missing. Everything is checked before the first write (finalizer, PVC', secret, pod).
+async fn start_fill(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    cr: &OSSVolumePopulator,
+    ours: bool,
+    prime: Option<PersistentVolumeClaim>,
+    selected_node: Option<&str>,
+) -> Result<Action, ReconcileError> {
+    // The decisions `failed` persisted before it deleted the last pod (whose deletion
+    // wakes this reconcile at once).
+    if annotation(pvc, ANN_FAILED).is_some() {
+        tracing::debug!(pvc = %pvc.name_any(), "failed for good; waiting for {ANN_FAILED} to be removed");
+        return Ok(Action::await_change());
+    }
+    if let Some(wait) = retry_wait(pvc) {
+        return Ok(Action::requeue(wait));
+    }
+    let source = match &cr.spec.credentials_secret_ref {
+        Some(r) => match credentials(ctx, pvc, cr, &r.name).await? {
+            Some(s) => Some(s),
+            // Secrets are not watched (the controller may only get them): look again.
+            None => return Ok(Action::requeue(Duration::from_secs(30))),
+        },
+        None => None,
+    };
+    if !ours {
+        add_finalizer(ctx, pvc).await?;
+    }
+    let ours_ns = &ctx.settings.namespace;
+    if prime.is_none() {
+        let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ours_ns);
+        let p = objects::prime_pvc(pvc, cr, &ctx.settings, selected_node);
+        primes.create(&PostParams::default(), &p).await?;
+    }
+    let secret = match &source {
+        Some(src) => Some(copy_secret(ctx, src, pvc, cr).await?),
+        None => None,
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
+    let uid = pvc.uid().unwrap_or_default();
+    let pod = objects::fill_pod(pvc, cr, &ctx.settings, selected_node, secret.as_deref());
+    pods.create(&PostParams::default(), &pod).await?;
+    ctx.metrics.in_flight.inc();
+    event(
+        ctx,
+        pvc,
+        EventType::Normal,
+        "FillStarted",
+        format!(
+            "filling from oss://{}{} with pod {ours_ns}/{}",
+            cr.spec.bucket,
+            cr.spec.path,
+            pod_name(&uid)
+        ),
+    )
+    .await;
+    Ok(Action::requeue(ctx.poll))
+}
+
+/// How long the backoff of the last transient failure still runs, if it does.
+fn retry_wait(pvc: &PersistentVolumeClaim) -> Option<Duration> {
+    let at = annotation(pvc, ANN_RETRY_AFTER)?;
+    let Ok(at) = chrono::DateTime::parse_from_rfc3339(at) else {
+        tracing::debug!(pvc = %pvc.name_any(), value = at, "unreadable {ANN_RETRY_AFTER}; ignored");
+        return None;
+    };
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+        .filter(|d| !d.is_zero())
+        // Whole seconds, rounded up: not woken a moment early.
+        .map(|d| Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0)))
+}
+
+/// A problem with this claim (not with the populator, which other claims share): an event
+/// and the `fillfs.io/invalid` annotation on the claim, once; nothing is created.
+async fn reject_pvc(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    reason: &str,
+) -> Result<Action, ReconcileError> {
+    if annotation(pvc, ANN_INVALID) != Some(reason) {
+        event(
+            ctx,
+            pvc,
+            EventType::Warning,
+            "InvalidClaim",
+            reason.to_string(),
+        )
+        .await;
+        annotate(ctx, pvc, json!({ ANN_INVALID: reason })).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// What the user's PVC must look like for a fill from this populator.
+fn check_pvc(pvc: &PersistentVolumeClaim, cr: &OSSVolumePopulator) -> Result<(), String> {
     let spec = pvc.spec.as_ref().ok_or("the PVC has no spec")?;
     let size = spec
         .resources
@@ -267,7 +361,18 @@ fn check_pvc(pvc: &PersistentVolumeClaim) -> Result<(), String> {
         return Err("the PVC requests no storage size (spec.resources.requests.storage)".into());
     }
     match spec.volume_mode.as_deref() {
-        None | Some("Filesystem") | Some("Block") => Ok(()),
+        None | Some("Filesystem") => Ok(()),
+        Some("Block") => {
+            let path = &cr.spec.path;
+            if path.ends_with('/') || path.trim_matches('/').is_empty() {
+                Err(format!(
+                    "volumeMode Block takes one disk image written raw, but OSSVolumePopulator {} has the prefix spec.path {path:?}; name an object (e.g. /images/disk.img) or use volumeMode Filesystem",
+                    populator_key(cr)
+                ))
+            } else {
+                Ok(())
+            }
+        }
         Some(other) => Err(format!("volumeMode {other:?} is not supported")),
     }
 }
@@ -304,22 +409,38 @@ async fn add_finalizer(ctx: &Context, pvc: &PersistentVolumeClaim) -> Result<(),
     Ok(())
 }
 
-async fn remove_finalizer(ctx: &Context, pvc: &PersistentVolumeClaim) -> Result<(), kube::Error> {
-    let finalizers: Vec<&String> = pvc
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
+/// Removes our finalizer, setting `annotations` in the same request: a JSON patch that
+/// tests the finalizer is where this copy of the PVC has it, so it needs no
+/// resourceVersion (which the annotations, or kubelet, may have moved on since).
+async fn drop_finalizer(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    annotations: Option<&[(&str, &str)]>,
+) -> Result<(), kube::Error> {
+    let Some(i) = pvc.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let mut ops = vec![
+        json!({"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER}),
+        json!({"op": "remove", "path": format!("/metadata/finalizers/{i}")}),
+    ];
+    let annotations = annotations.unwrap_or_default();
+    if !annotations.is_empty() && pvc.metadata.annotations.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+    }
+    for (k, v) in annotations {
+        let key = k.replace('~', "~0").replace('/', "~1");
+        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": v}));
+    }
+    let patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .expect("a JSON patch made of add, remove and test operations");
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
     match api
         .patch(
             &pvc.name_any(),
             &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {
-                "finalizers": finalizers,
-                "resourceVersion": pvc.resource_version(),
-            }})),
+            &Patch::Json::<()>(patch),
         )
         .await
     {
@@ -329,35 +450,71 @@ async fn remove_finalizer(ctx: &Context, pvc: &PersistentVolumeClaim) -> Result<
     }
 }
 
-/// Copies the populator's credentials Secret next to the fill pod. `None` if it is
-/// missing (an event says so; no pod is created).
-async fn copy_secret(
+/// The populator's credentials Secret, if it exists and holds an access key. Otherwise an
+/// event says what is missing (key names only, never values) and `None`.
+async fn credentials(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
     cr: &OSSVolumePopulator,
-    cr_ns: &str,
     name: &str,
-) -> Result<Option<String>, kube::Error> {
-    let theirs: Api<Secret> = Api::namespaced(ctx.client.clone(), cr_ns);
+) -> Result<Option<Secret>, kube::Error> {
+    let cr_ns = cr.namespace().unwrap_or_default();
+    let theirs: Api<Secret> = Api::namespaced(ctx.client.clone(), &cr_ns);
     let Some(src) = get_opt(&theirs, name).await? else {
         event(
             ctx,
             pvc,
             EventType::Warning,
             "SecretNotFound",
-            format!("credentials Secret {cr_ns}/{name} does not exist"),
+            format!(
+                "credentials Secret {cr_ns}/{name} (spec.credentialsSecretRef of {}) does not exist; looking again in 30s",
+                populator_key(cr)
+            ),
         )
         .await;
         return Ok(None);
     };
-    let copy = objects::copied_secret(&src, pvc, cr, &ctx.settings);
+    let has = |k: &str| {
+        src.data
+            .as_ref()
+            .is_some_and(|d| d.get(k).is_some_and(|v| !v.0.is_empty()))
+    };
+    let missing: Vec<&str> = ["akId", "akSecret"]
+        .into_iter()
+        .filter(|k| !has(k))
+        .collect();
+    if !missing.is_empty() {
+        event(
+            ctx,
+            pvc,
+            EventType::Warning,
+            "SecretInvalid",
+            format!(
+                "credentials Secret {cr_ns}/{name} has no {} (it needs akId and akSecret); looking again in 30s",
+                missing.join(" and ")
+            ),
+        )
+        .await;
+        return Ok(None);
+    }
+    Ok(Some(src))
+}
+
+/// Copies the populator's credentials Secret next to the fill pod; returns the copy's name.
+async fn copy_secret(
+    ctx: &Context,
+    src: &Secret,
+    pvc: &PersistentVolumeClaim,
+    cr: &OSSVolumePopulator,
+) -> Result<String, kube::Error> {
+    let copy = objects::copied_secret(src, pvc, cr, &ctx.settings);
     let ours: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     match ours.create(&PostParams::default(), &copy).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e),
     }
-    Ok(copy.metadata.name)
+    Ok(copy.metadata.name.unwrap_or_default())
 }
 
 /// The last `--progress json` line the fill printed.
@@ -391,7 +548,9 @@ async fn report_progress(ctx: &Context, pvc: &PersistentVolumeClaim, pods: &Api<
     }
 }
 
-/// The fill pod failed: retry with backoff, or give up.
+/// The fill pod failed: retry with backoff, or give up. The decision goes onto the PVC
+/// before the pod is deleted: the deletion (and the patch) wake a new reconcile at once,
+/// which must find the decision there instead of starting the next pod right away.
 async fn failed(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
@@ -399,6 +558,16 @@ async fn failed(
     pod: &Pod,
 ) -> Result<Action, ReconcileError> {
     let uid = pvc.uid().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let pod_uid = pod.uid().unwrap_or_default();
+    if annotation(pvc, ANN_FAILED_POD) == Some(pod_uid.as_str()) {
+        // Decided already; only the deletion did not happen (or not yet show).
+        delete_quietly(&pods, &pod_name(&uid)).await?;
+        if annotation(pvc, ANN_FAILED).is_some() {
+            return Ok(Action::await_change());
+        }
+        return Ok(Action::requeue(retry_wait(pvc).unwrap_or(ctx.poll)));
+    }
     let terminated = pod
         .status
         .as_ref()
@@ -420,10 +589,27 @@ async fn failed(
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0)
         + 1;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let permanent = exit == EXIT_PERMANENT || attempts >= ctx.max_attempts;
+    let delay = ctx.retry_base * 2u32.saturating_pow(attempts - 1);
+    let decision = if permanent {
+        json!({
+            ANN_PROGRESS: format!("failed: {message}"),
+            ANN_FAILED: message,
+            ANN_ATTEMPTS: attempts.to_string(),
+            ANN_FAILED_POD: pod_uid,
+        })
+    } else {
+        let at = chrono::Utc::now()
+            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(1));
+        json!({
+            ANN_RETRY_AFTER: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ANN_ATTEMPTS: attempts.to_string(),
+            ANN_FAILED_POD: pod_uid,
+        })
+    };
+    annotate(ctx, pvc, decision).await?;
     delete_quietly(&pods, &pod_name(&uid)).await?;
     ctx.metrics.fill_ended();
-    let permanent = exit == EXIT_PERMANENT || attempts >= ctx.max_attempts;
     if permanent {
         let why = if exit == EXIT_PERMANENT {
             "cannot succeed".to_string()
@@ -435,20 +621,15 @@ async fn failed(
             pvc,
             EventType::Warning,
             "FillFailed",
-            format!("fill {why}, giving up: {message}"),
+            format!(
+                "fill {why}, giving up (remove the annotation {ANN_FAILED} to try again): {message}"
+            ),
         )
         .await;
-        annotate(
-            ctx,
-            pvc,
-            json!({ ANN_PROGRESS: format!("failed: {message}"), ANN_ATTEMPTS: attempts.to_string() }),
-        )
-        .await?;
         ctx.metrics.finished("failed", None, None);
         bump_status(ctx, cr, false).await?;
         return Ok(Action::await_change());
     }
-    let delay = ctx.retry_base * 2u32.saturating_pow(attempts - 1);
     event(
         ctx,
         pvc,
@@ -461,18 +642,17 @@ async fn failed(
         ),
     )
     .await;
-    annotate(ctx, pvc, json!({ ANN_ATTEMPTS: attempts.to_string() })).await?;
     ctx.metrics.retries.inc();
     Ok(Action::requeue(delay))
 }
 
-/// The fill succeeded: hand PVC's volume to the user's PVC, then clean up.
+/// The fill succeeded: hand PVC's volume to the user's PVC. The PV controller then binds
+/// the user's PVC (and PVC' goes Lost); [`finish`] cleans up once the claim is bound.
 async fn rebind(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
     cr: &OSSVolumePopulator,
     prime: &PersistentVolumeClaim,
-    pod: &Pod,
 ) -> Result<Action, ReconcileError> {
     let uid = pvc.uid().unwrap_or_default();
     let Some(pv_name) = prime
@@ -491,12 +671,11 @@ async fn rebind(
         .and_then(|s| s.claim_ref.as_ref())
         .and_then(|c| c.uid.clone());
     if claim_uid.as_deref() != Some(uid.as_str()) {
-        let from = format!("{}/{}", cr.namespace().unwrap_or_default(), cr.name_any());
         pvs.patch(
             &pv_name,
             &PatchParams::default(),
             &Patch::Merge(json!({
-                "metadata": {"annotations": { ANN_POPULATED_FROM: from }},
+                "metadata": {"annotations": { ANN_POPULATED_FROM: populator_key(cr) }},
                 "spec": {"claimRef": {
                     "apiVersion": "v1",
                     "kind": "PersistentVolumeClaim",
@@ -509,27 +688,43 @@ async fn rebind(
         )
         .await?;
         tracing::info!(pv = %pv_name, pvc = %pvc.name_any(), "volume handed to the user's claim");
-        return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    let lost = prime.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost");
-    if !lost {
-        return Ok(Action::requeue(Duration::from_secs(2)));
-    }
-    let (bytes, seconds) = fill_summary(ctx, pod).await;
+    // The claim's binding is a PVC event; the requeue is a safety net.
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// The user's PVC is bound: clean up PVC', the pod and the secret copy, then mark it done
+/// and drop the finalizer in one request. Counted once: the count follows that request,
+/// after which the claim is no longer ours.
+async fn finish(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    cr_ns: &str,
+    cr_name: &str,
+) -> Result<Action, ReconcileError> {
+    let uid = pvc.uid().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let pod = get_opt(&pods, &pod_name(&uid)).await?;
+    let (bytes, seconds) = match &pod {
+        Some(p) => fill_summary(ctx, p).await,
+        None => (None, None),
+    };
     cleanup(ctx, &uid).await?;
+    drop_finalizer(ctx, pvc, Some(&[(ANN_PROGRESS, "done")])).await?;
     ctx.metrics.fill_ended();
     ctx.metrics.finished("succeeded", bytes, seconds);
-    annotate(ctx, pvc, json!({ ANN_PROGRESS: "100.0%" })).await?;
-    remove_finalizer(ctx, pvc).await?;
+    let crs: Api<OSSVolumePopulator> = Api::namespaced(ctx.client.clone(), cr_ns);
+    let cr = get_opt(&crs, cr_name).await?;
+    let source = cr.as_ref().map_or(String::new(), |cr| {
+        format!(" from oss://{}{}", cr.spec.bucket, cr.spec.path)
+    });
     event(
         ctx,
         pvc,
         EventType::Normal,
         "Populated",
         format!(
-            "filled from oss://{}{}{}",
-            cr.spec.bucket,
-            cr.spec.path,
+            "filled{source}{}",
             bytes.map_or(String::new(), |b| format!(
                 " ({})",
                 bytesize::ByteSize(b).display().iec()
@@ -537,7 +732,9 @@ async fn rebind(
         ),
     )
     .await;
-    bump_status(ctx, cr, true).await?;
+    if let Some(cr) = cr {
+        bump_status(ctx, &cr, true).await?;
+    }
     Ok(Action::await_change())
 }
 
@@ -562,32 +759,53 @@ async fn cleanup(ctx: &Context, uid: &str) -> Result<(), kube::Error> {
     Ok(())
 }
 
-/// Counts a finished fill on the populator's status and recounts fills in flight.
+/// Counts a finished fill on the populator's status and recounts fills in flight (fill
+/// pods annotated with this populator). Fills of many claims end concurrently, so the
+/// count is written with the resourceVersion it was read at, and read again on a conflict.
 async fn bump_status(ctx: &Context, cr: &OSSVolumePopulator, ok: bool) -> Result<(), kube::Error> {
+    let key = populator_key(cr);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let in_flight = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_POPULATOR}={}", cr.name_any())))
+        .list(&ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=fillfs")))
         .await?
         .items
         .iter()
         .filter(|p| {
-            p.labels().get(LABEL_PVC_NAMESPACE).map(String::as_str) == cr.namespace().as_deref()
+            p.annotations().get(ANN_POPULATOR) == Some(&key)
+                && !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
         })
         .count();
-    let status = cr.status.clone().unwrap_or_default();
-    let patch = if ok {
-        json!({"status": {"succeeded": status.succeeded + 1, "inFlight": in_flight}})
-    } else {
-        json!({"status": {"failed": status.failed + 1, "inFlight": in_flight}})
-    };
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    crs.patch_status(
-        &cr.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await?;
+    let mut cr = cr.clone();
+    for _ in 0..5 {
+        let status = cr.status.clone().unwrap_or_default();
+        let counts = if ok {
+            json!({"succeeded": status.succeeded + 1, "inFlight": in_flight})
+        } else {
+            json!({"failed": status.failed + 1, "inFlight": in_flight})
+        };
+        let patch = json!({
+            "metadata": {"resourceVersion": cr.resource_version()},
+            "status": counts,
+        });
+        match crs
+            .patch_status(
+                &cr.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 409 => cr = crs.get(&cr.name_any()).await?,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            other => return other.map(|_| ()),
+        }
+    }
+    tracing::warn!(populator = %key, "status count lost to conflicting updates");
     Ok(())
 }
 
@@ -605,13 +823,20 @@ async fn set_valid(
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"));
-    if current.is_some_and(|c| c.status == status && c.message == message) {
+    let generation = cr.meta().generation;
+    if current.is_some_and(|c| {
+        c.status == status && c.message == message && c.observed_generation == generation
+    }) {
         return Ok(());
     }
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    let now = k8s_openapi::chrono::Utc::now()
-        .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
+    // The transition time moves only when the status does.
+    let since = match current {
+        Some(c) if c.status == status => c.last_transition_time.0,
+        _ => chrono::Utc::now(),
+    }
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     crs.patch_status(
         &cr.name_any(),
         &PatchParams::default(),
@@ -620,8 +845,8 @@ async fn set_valid(
             "status": status,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": now,
-            "observedGeneration": cr.meta().generation,
+            "lastTransitionTime": since,
+            "observedGeneration": generation,
         }]}})),
     )
     .await?;
