@@ -86,7 +86,7 @@ struct ControllerArgs {
 #[command(
     long_about = "Runs the CSI v1 Identity and Node services on a unix socket, as kubelet expects of a node plugin \
                   (deploy/ has the CSIDriver and DaemonSet). Volumes are CSI ephemeral inline volumes or static PVs \
-                  whose volumeAttributes name the source: url (s3://, oss://, file://) or bucket + path + protocol, \
+                  whose volumeAttributes name the source: url (s3:// or oss://; file:// is refused) or bucket + path + protocol, \
                   plus endpoint, region, throughput (MiB/s), metadataTTL, and roleArn + oidcProviderArn for RRSA. \
                   Access keys come from the node-publish secret (akId / akSecret), never from this process.\n\n\
                   Mounts left by a previous run are cleared at start; pods using them must be restarted."
@@ -95,6 +95,9 @@ struct CsiArgs {
     /// gRPC endpoint: unix:///PATH (kubelet's plugin socket).
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: String,
+    /// The CSI driver name (the CSIDriver object's name; the controller's --csi-driver).
+    #[arg(long, default_value = fillfs::csi::DRIVER_NAME)]
+    driver_name: String,
     /// This node's name, as Kubernetes knows it.
     #[arg(long, env = "NODE_NAME")]
     node_id: String,
@@ -155,6 +158,12 @@ impl StoreArgs {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Writeback {
+    Early,
+    Kernel,
+}
+
 #[derive(Args)]
 struct PopulateArgs {
     /// What to copy: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, file:///DIR or a local directory.
@@ -183,6 +192,11 @@ struct PopulateArgs {
     /// volume flushes it too, which is what happens after a fill in Kubernetes.
     #[arg(long)]
     fsync: bool,
+    /// When written data goes to the device: `early` starts each range's device write as
+    /// soon as it is written, so the flush at the end (unmount, --fsync) has little left;
+    /// `kernel` leaves it to the kernel's dirty-page writeback.
+    #[arg(long, value_enum, default_value_t = Writeback::Early)]
+    writeback: Writeback,
     /// Progress display: a bar on a terminal, JSON lines on stdout for machines, or none.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
@@ -274,7 +288,10 @@ fn parse_size_or_zero(s: &str) -> std::result::Result<u64, String> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // fuser warns when it finds a mount already gone, which is how every unmount ends.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error"))
+        // reqsign logs a failed STS call with its URL, which carries the pod's OIDC token,
+        // and at debug the credential providers with their keys: never, whatever RUST_LOG says.
+        .add_directive("reqsign_core=off".parse().expect("directive"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -322,6 +339,7 @@ fn populate(a: PopulateArgs) -> Result<()> {
         dir_mode: 0o755,
         skip_invalid_keys: a.skip_invalid_keys,
         fsync: a.fsync,
+        early_writeback: a.writeback == Writeback::Early,
         target_kind: match (a.block, a.mkfs.is_some()) {
             (_, true) => TargetKind::Ext4,
             (true, false) => TargetKind::Raw,
@@ -403,6 +421,7 @@ fn csi(a: CsiArgs) -> Result<()> {
     forget_ambient_credentials();
     let opts = fillfs::csi::CsiOptions {
         endpoint: a.endpoint,
+        driver_name: a.driver_name,
         kubelet_dir: a.kubelet_dir,
         node: fillfs::csi::NodeOptions {
             node_id: a.node_id,

@@ -81,6 +81,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory, opts.part_size));
     let progress = Arc::new(Progress::new(meta.size, 1));
     let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
+    let opts_early = opts.early_writeback;
     let mut tasks = tokio::task::JoinSet::new();
     for r in split_ranges(meta.size, opts.part_size) {
         let (fetcher, file, key, progress) =
@@ -89,9 +90,16 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             let start = r.start;
             let data = fetcher.fetch(&key, r).await?;
             let n = data.len() as u64;
-            tokio::task::spawn_blocking(move || file.write_all_at(&data, start))
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let early = opts_early;
+            tokio::task::spawn_blocking(move || {
+                file.write_all_at(&data, start)?;
+                if early {
+                    super::part_file::start_writeback(&file, start, n);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
             progress.bytes_done.fetch_add(n, Ordering::Relaxed);
             Ok::<_, Error>(())
         });

@@ -1,7 +1,7 @@
 //! The copier: one object → one file in the target, with its ranges fetched concurrently
-//! through [`Store::read_range`] (the same door, limiter and retries as the FUSE read path)
-//! and written with positional writes into a preallocated `NAME.fillfs-part` file, renamed
-//! to `NAME` only once complete and checked. Two semaphores bound the work: `requests`
+//! through [`Store::read_range_into`] (the same door, limiter and retries as the FUSE read
+//! path) and written with positional writes into a [`PartFile`], which is renamed to its
+//! final name only once complete and checked. Two semaphores bound the work: `requests`
 //! (GETs in flight, `--jobs`) and `memory` (bytes fetched but not yet written).
 //!
 //! Integrity: every file's size; the MD5 of single-part ETags (for one-range files from the
@@ -9,10 +9,9 @@
 //! re-reads small files from disk. A mismatch is retried once, then the fill fails naming
 //! the file. It must not plan (see `plan.rs`) or report (see `progress.rs`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -21,7 +20,8 @@ use md5::{Digest, Md5};
 use tokio::sync::Semaphore;
 
 use super::journal::Journal;
-use super::plan::{FileJob, PART_SUFFIX};
+use super::part_file::{FileAttrs, PartFile};
+use super::plan::FileJob;
 use super::progress::Progress;
 use crate::buffers::BufferPool;
 use crate::error::{Error, Result};
@@ -82,9 +82,11 @@ pub fn split_ranges(size: u64, part: u64) -> impl Iterator<Item = std::ops::Rang
 
 pub struct Copier {
     pub fetcher: Fetcher,
-    pub target: PathBuf,
+    pub target: std::path::PathBuf,
     pub part_size: u64,
     pub verify: bool,
+    /// Start each range's writeback as soon as it is written (see `part_file.rs`).
+    pub early_writeback: bool,
     pub file_mode: u32,
     pub owner: (Option<u32>, Option<u32>),
     pub progress: Arc<Progress>,
@@ -115,110 +117,107 @@ pub fn md5_file(path: &Path, len: u64) -> std::io::Result<String> {
     }
 }
 
-fn part_path(final_path: &Path) -> PathBuf {
-    let mut name = final_path.file_name().expect("file name").to_os_string();
-    name.push(PART_SUFFIX);
-    final_path.with_file_name(name)
+/// Runs blocking file I/O on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+fn check_md5(job: &FileJob, want: Option<&String>, got: impl FnOnce() -> String) -> Result<()> {
+    let Some(want) = want else { return Ok(()) };
+    let got = got();
+    if &got != want {
+        return Err(Error::ChecksumMismatch {
+            path: job.key.clone(),
+            expected: want.clone(),
+            got,
+        });
+    }
+    Ok(())
 }
 
 impl Copier {
     /// Copies one object, retrying once on a checksum mismatch, and records it as done.
     pub async fn copy_file(self: Arc<Self>, job: FileJob) -> Result<()> {
+        let job = Arc::new(job);
         let final_path = self.target.join(&job.rel);
-        let part = part_path(&final_path);
         let wrap = |e: Error| Error::Copy {
             path: job.rel.display().to_string(),
             source: Box::new(e),
         };
-        let mut result = self.clone().try_copy(&job, &part).await;
+        let mut result = self.clone().try_copy(&job, &final_path).await;
         if let Err(Error::ChecksumMismatch { expected, got, .. }) = &result {
             tracing::warn!(file = %job.rel.display(), %expected, %got, "checksum mismatch, fetching the file again");
-            result = self.clone().try_copy(&job, &part).await;
+            result = self.clone().try_copy(&job, &final_path).await;
         }
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&part);
-            return Err(wrap(e));
-        }
-        self.finish_file(&job, &part, &final_path).map_err(wrap)?;
+        let part = result.map_err(wrap)?;
+        // Mode, owner, mtime; then the rename that makes the file look complete; then the
+        // journal line.
+        let attrs = FileAttrs {
+            mode: self.file_mode,
+            uid: self.owner.0,
+            gid: self.owner.1,
+            mtime: job.mtime,
+        };
+        let (journal, done) = (self.journal.clone(), job.clone());
+        blocking(move || {
+            part.finish(&final_path, attrs)?;
+            journal.record(&done.rel.to_string_lossy(), done.size, done.etag.as_deref())
+        })
+        .await
+        .map_err(wrap)?;
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Mode, owner, mtime; then the rename that makes the file look complete; then the
-    /// journal line.
-    fn finish_file(&self, job: &FileJob, part: &Path, final_path: &Path) -> Result<()> {
-        let f = File::options().write(true).open(part)?;
-        f.set_permissions(std::fs::Permissions::from_mode(self.file_mode))?;
-        if let Some(mtime) = job.mtime {
-            f.set_times(
-                std::fs::FileTimes::new()
-                    .set_modified(mtime)
-                    .set_accessed(mtime),
-            )?;
-        }
-        drop(f);
-        if self.owner.0.is_some() || self.owner.1.is_some() {
-            std::os::unix::fs::chown(part, self.owner.0, self.owner.1)?;
-        }
-        std::fs::rename(part, final_path)?;
-        let rel = job.rel.to_string_lossy();
-        self.journal.record(&rel, job.size, job.etag.as_deref())
-    }
-
-    async fn try_copy(self: Arc<Self>, job: &FileJob, part: &Path) -> Result<()> {
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .read(true)
-            .open(part)?;
-        if job.size > 0 {
-            // Reserve the blocks up front (also fails fast with ENOSPC); fall back to a
-            // sparse file where fallocate is not supported.
-            if let Err(e) = nix::fcntl::fallocate(
-                &file,
-                nix::fcntl::FallocateFlags::empty(),
-                0,
-                job.size as i64,
-            ) {
-                if e == nix::errno::Errno::ENOSPC {
-                    return Err(std::io::Error::from(e).into());
-                }
-                file.set_len(job.size)?;
-            }
-        }
-        let file = Arc::new(file);
+    /// Fetches and writes the whole object into its part file and checks it; on any error
+    /// the part file is removed.
+    async fn try_copy(self: Arc<Self>, job: &Arc<FileJob>, final_path: &Path) -> Result<PartFile> {
         let expected_md5 = etag_md5(job.etag.as_deref());
-        let mut written = 0u64;
+        let written = std::sync::atomic::AtomicU64::new(0);
+        let ew = self.early_writeback;
+        let mut part: Option<Arc<PartFile>> = None;
         let result: Result<()> = async {
             if job.size <= self.part_size {
+                // One GET, checked from memory, then create + write in one blocking hop.
                 let data = self.fetcher.fetch(&job.key, 0..job.size).await?;
-                if let Some(want) = &expected_md5 {
-                    let got = hex(&Md5::digest(&data));
-                    if &got != want {
-                        return Err(Error::ChecksumMismatch {
-                            path: job.key.clone(),
-                            expected: want.clone(),
-                            got,
-                        });
+                check_md5(job, expected_md5.as_ref(), || hex(&Md5::digest(&data)))?;
+                let (path, n) = (final_path.to_path_buf(), data.len() as u64);
+                let p = blocking(move || {
+                    let p = PartFile::create(&path, n, false, ew)?;
+                    if let Err(e) = p.write_at(&data, 0) {
+                        p.discard();
+                        return Err(e.into());
                     }
-                }
-                written += self.write_at(&file, data, 0).await?;
+                    Ok(p)
+                })
+                .await?;
+                part = Some(Arc::new(p));
+                self.wrote(&written, n);
             } else {
+                let (path, size) = (final_path.to_path_buf(), job.size);
+                let p = Arc::new(blocking(move || PartFile::create(&path, size, true, ew)).await?);
+                part = Some(p.clone());
                 let mut tasks = tokio::task::JoinSet::new();
                 for r in split_ranges(job.size, self.part_size) {
-                    let (me, file, key) = (self.clone(), file.clone(), job.key.clone());
+                    let (me, p, job) = (self.clone(), p.clone(), job.clone());
                     tasks.spawn(async move {
                         let start = r.start;
-                        let data = me.fetcher.fetch(&key, r).await?;
-                        me.write_at(&file, data, start).await
+                        let data = me.fetcher.fetch(&job.key, r).await?;
+                        let n = data.len() as u64;
+                        blocking(move || Ok(p.write_at(&data, start)?)).await?;
+                        Ok::<u64, Error>(n)
                     });
                 }
                 while let Some(res) = tasks.join_next().await {
-                    written += res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    let n = res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    self.wrote(&written, n);
                 }
             }
-            let on_disk = file.metadata()?.len();
+            let p = part.as_ref().expect("created").clone();
+            let on_disk = blocking(move || Ok(p.len_on_disk()?)).await?;
+            let written = written.load(Ordering::Relaxed);
             if written != job.size || on_disk != job.size {
                 return Err(Error::SizeMismatch {
                     path: job.key.clone(),
@@ -227,39 +226,33 @@ impl Copier {
                 });
             }
             if self.verify {
-                let path = part.to_path_buf();
+                let path = part.as_ref().expect("created").path().to_path_buf();
                 let len = job.size;
-                let got = tokio::task::spawn_blocking(move || md5_file(&path, len))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-                if let Some(want) = &expected_md5
-                    && &got != want
-                {
-                    return Err(Error::ChecksumMismatch {
-                        path: job.key.clone(),
-                        expected: want.clone(),
-                        got,
-                    });
-                }
+                let got = blocking(move || Ok(md5_file(&path, len)?)).await?;
+                check_md5(job, expected_md5.as_ref(), || got)?;
             }
             Ok(())
         }
         .await;
-        if result.is_err() {
-            self.progress
-                .bytes_done
-                .fetch_sub(written, Ordering::Relaxed);
+        match (result, part) {
+            (Ok(()), Some(p)) => Ok(Arc::try_unwrap(p).expect("all writes finished")),
+            (result, part) => {
+                self.progress
+                    .bytes_done
+                    .fetch_sub(written.load(Ordering::Relaxed), Ordering::Relaxed);
+                if let Some(p) = part {
+                    // Writes of aborted ranges may still hold the descriptor; the name goes now.
+                    let _ = std::fs::remove_file(p.path());
+                }
+                Err(result.err().unwrap_or_else(|| {
+                    Error::Io(std::io::Error::other("part file was not created"))
+                }))
+            }
         }
-        result
     }
 
-    async fn write_at(&self, file: &Arc<File>, data: Bytes, offset: u64) -> Result<u64> {
-        let file = file.clone();
-        let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    fn wrote(&self, written: &std::sync::atomic::AtomicU64, n: u64) {
+        written.fetch_add(n, Ordering::Relaxed);
         self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
     }
 }

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod copy;
 pub mod journal;
+pub mod part_file;
 pub mod plan;
 pub mod progress;
 
@@ -47,6 +48,9 @@ pub struct PopulateOptions {
     /// consumer unmounts the volume (which flushes) before using it, and the journal
     /// already makes a crashed fill resumable.
     pub fsync: bool,
+    /// Start the device write of each range as soon as it is written (see
+    /// `part_file.rs`), so the flush at the end (unmount or `--fsync`) has little left.
+    pub early_writeback: bool,
     /// What `target` is.
     pub target_kind: TargetKind,
 }
@@ -210,6 +214,7 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
         target: target.clone(),
         part_size: opts.part_size,
         verify: opts.verify,
+        early_writeback: opts.early_writeback,
         file_mode: opts.file_mode,
         owner: (opts.uid, opts.gid),
         progress: progress.clone(),
