@@ -14,6 +14,7 @@ use common::*;
 use fillfs::csi::proto::identity_client::IdentityClient;
 use fillfs::csi::proto::node_client::NodeClient;
 use fillfs::csi::proto::*;
+use fillfs::csi::volume;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -35,6 +36,10 @@ impl Plugin {
     }
 
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Plugin {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    fn start_with_env(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Plugin {
         let socket = dir.path().join("csi.sock");
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::OpenOptions::new()
@@ -53,6 +58,7 @@ impl Plugin {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -187,6 +193,7 @@ fn s3_volume(emu: &Emulator, prefix: &str) -> Vec<(&'static str, String)> {
         ("endpoint", emu.endpoint()),
         ("region", "us-east-1".into()),
         ("csi.storage.k8s.io/ephemeral", "true".into()),
+        ("csi.storage.k8s.io/pod.namespace", "team-a".into()),
         ("csi.storage.k8s.io/pod.name", "fill-1".into()),
     ]
 }
@@ -409,6 +416,13 @@ fn publish_and_unpublish_are_idempotent() {
     p.publish("vol-i", &t, &ctx(&vol, &[])).unwrap();
     p.publish("vol-i", &t, &ctx(&vol, &[])).unwrap();
     assert_eq!(mounts_at(&t), 1, "a repeated publish must not mount twice");
+    assert!(
+        p.log()
+            .lines()
+            .any(|l| l.contains("published") && l.contains("team-a/fill-1")),
+        "the publish log names the pod:\n{}",
+        p.log()
+    );
     verify_stream(&t.join("f0.bin"), 60, MIB);
 
     let err = p.publish("vol-other", &t, &ctx(&vol, &[])).unwrap_err();
@@ -455,12 +469,35 @@ fn bad_requests_are_refused_with_a_reason() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("Block"), "{e:?}");
 
-    let mut req = publish_request("", &t, &ctx(&vol, &[]));
+    // Each required field alone: everything else in the request is valid.
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
     req.volume_capability = None;
-    assert_eq!(
-        call(&mut node, req).unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("volume_capability"), "{e:?}");
+
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
+    req.volume_capability.as_mut().unwrap().access_type = None;
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("access type"), "{e:?}");
+
+    let e = call(&mut node, publish_request("", &t, &ctx(&vol, &[]))).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("volume_id"), "{e:?}");
+
+    let mut req = publish_request("v", &t, &ctx(&vol, &[]));
+    req.target_path = String::new();
+    let e = call(&mut node, req).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("target_path"), "{e:?}");
+
+    let e = p.unpublish("v", Path::new("")).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("target_path"), "{e:?}");
+    let e = p.unpublish("", &t).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("volume_id"), "{e:?}");
 
     let e = p
         .publish("v", &t, &ctx(&vol, &[("troughput", "10")]))
@@ -542,4 +579,355 @@ fn restart_clears_mounts_left_behind() {
     p2.unpublish("vol-2", &t2).unwrap();
     p2.unpublish("vol-1", &t1).unwrap();
     assert_eq!(mounts_at(&t1), 0);
+}
+
+#[test]
+fn local_directories_are_not_volume_sources() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let p = Plugin::start(&[]);
+    // What a pod author would go for: another pod's files under kubelet's directory.
+    let other_pod = p.dir.path().join("kubelet/pods/victim/volumes/secret");
+    std::fs::create_dir_all(&other_pod).unwrap();
+    std::fs::write(other_pod.join("token"), "victim-secret").unwrap();
+    let t = p.target("pod-attacker");
+    let mut answers = Vec::new();
+    for url in [
+        format!("file://{}", other_pod.display()),
+        format!("FILE://{}/", other_pod.display()),
+        "file:///no/such/fillfs-dir".to_string(),
+    ] {
+        let e = p.publish("v", &t, &[("url", url.as_str())]).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{url}: {e:?}");
+        assert!(
+            e.message().contains("file:// sources are not allowed"),
+            "{e:?}"
+        );
+        assert!(
+            !e.message().contains("victim") && !e.message().contains("no/such"),
+            "the answer names a host path: {e:?}"
+        );
+        answers.push(e.message().to_string());
+    }
+    answers.dedup();
+    assert_eq!(
+        answers.len(),
+        1,
+        "existing and missing paths answered alike: {answers:?}"
+    );
+    assert_eq!(mounts_at(&t), 0);
+    assert!(!t.exists(), "a refused publish creates no target");
+    // The same source as a bucket volume still works on this plugin.
+    put_files(&emu, "ok/", 1, MIB, 80);
+    p.publish("v", &t, &ctx(&s3_volume(&emu, "ok/"), &[]))
+        .unwrap();
+    verify_stream(&t.join("f0.bin"), 80, MIB);
+    p.unpublish("v", &t).unwrap();
+}
+
+#[test]
+fn failed_publish_leaves_no_token_and_no_target() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    // Everything logged, to see that no level lets the token out.
+    let p = Plugin::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &[],
+        &[("RUST_LOG", "debug,fillfs=trace")],
+    );
+    let t = p.target("pod-rrsa");
+    let tokens = r#"{"sts.aliyuncs.com":{"token":"eyJrrsa.pod-token-value","expirationTimestamp":"2026-11-23T10:00:00Z"}}"#;
+    let mut req = publish_request(
+        "vol-rrsa",
+        &t,
+        &[
+            ("url", "oss://no-such-bucket/p/"),
+            // Nothing listens there: the publish fails after the token file is written.
+            ("endpoint", "http://127.0.0.1:1"),
+            ("roleArn", "acs:ram::1:role/fill"),
+            ("oidcProviderArn", "acs:ram::1:oidc-provider/ack"),
+            ("csi.storage.k8s.io/serviceAccount.tokens", tokens),
+        ],
+    );
+    req.secrets.clear();
+    let mut node = p.node.clone();
+    let start = Instant::now();
+    let e = p.rt.block_on(node.node_publish_volume(req)).unwrap_err();
+    eprintln!(
+        "RRSA publish to a dead endpoint: {:?} after {:.1} s: {}",
+        e.code(),
+        start.elapsed().as_secs_f64(),
+        e.message()
+    );
+    assert_ne!(e.code(), Code::Ok);
+    let token_dir = p.dir.path().join("state/tokens");
+    let left: Vec<_> = std::fs::read_dir(&token_dir)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "token files left behind: {left:?}");
+    assert!(!t.exists(), "a failed publish leaves its target directory");
+    assert_eq!(mounts_at(&t), 0);
+    let log = p.log();
+    let leaked: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pod-token-value"))
+        .collect();
+    assert!(leaked.is_empty(), "the token reached the log: {leaked:#?}");
+
+    // The path is not stuck: another volume publishes there.
+    put_files(&emu, "after/", 1, MIB, 90);
+    p.publish("vol-s3", &t, &ctx(&s3_volume(&emu, "after/"), &[]))
+        .unwrap();
+    verify_stream(&t.join("f0.bin"), 90, MIB);
+    p.unpublish("vol-s3", &t).unwrap();
+}
+
+#[test]
+fn unpublish_leaves_a_live_mount_of_another_process_alone() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "live/", 1, 2 * MIB, 110);
+    let owner = Plugin::start(&[]);
+    let t = owner.target("pod-live");
+    owner
+        .publish("vol-live", &t, &ctx(&s3_volume(&emu, "live/"), &[]))
+        .unwrap();
+    // A second plugin (e.g. a new one started before the old one stopped) is asked to
+    // unpublish a path it does not serve, whose server is alive.
+    let other = Plugin::start(&[]);
+    let e = other.unpublish("vol-live", &t).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("another process"), "{e:?}");
+    assert_eq!(mounts_at(&t), 1, "a live mount was detached");
+    verify_stream(&t.join("f0.bin"), 110, 2 * MIB);
+    owner.unpublish("vol-live", &t).unwrap();
+    assert_eq!(mounts_at(&t), 0);
+}
+
+#[test]
+fn publish_and_unpublish_of_one_path_at_once() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "race/", 1, MIB, 120);
+    let p = Plugin::start(&[]);
+    let t = p.target("pod-race");
+    let vol = s3_volume(&emu, "race/");
+    let c = ctx(&vol, &[]);
+    let mut remounted = 0;
+    for _ in 0..10 {
+        if mounts_at(&t) == 0 {
+            p.publish("vol-r", &t, &c).unwrap();
+        }
+        let (mut n1, mut n2) = (p.node.clone(), p.node.clone());
+        let un = NodeUnpublishVolumeRequest {
+            volume_id: "vol-r".into(),
+            target_path: t.display().to_string(),
+        };
+        let pub_req = publish_request("vol-r", &t, &c);
+        let (u, pb) = p.rt.block_on(async {
+            tokio::join!(n1.node_unpublish_volume(un), async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                n2.node_publish_volume(pub_req).await
+            })
+        });
+        u.expect("unpublish");
+        pb.expect("publish racing an unpublish");
+        // Either order is fine; what is mounted must be whole and readable.
+        if mounts_at(&t) == 1 {
+            remounted += 1;
+            verify_stream(&t.join("f0.bin"), 120, MIB);
+        } else {
+            assert!(!t.exists(), "unpublished last, yet the directory is there");
+        }
+    }
+    eprintln!("publish/unpublish race: 10 rounds, {remounted} ended mounted");
+    if mounts_at(&t) == 1 {
+        p.unpublish("vol-r", &t).unwrap();
+    }
+}
+
+#[test]
+fn differently_written_endpoints_share_the_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let (files, size) = (2u64, 8 * MIB);
+    put_files(&emu, "spell/", files, size, 130);
+    let p = Plugin::start(&[]);
+    let plain = s3_volume(&emu, "spell/");
+    let shouted = format!("{}/", emu.endpoint().replacen("http://", "HTTP://", 1));
+    let (ta, tb) = (p.target("pod-plain"), p.target("pod-shouted"));
+    p.publish("vol-a", &ta, &ctx(&plain, &[])).unwrap();
+    let mut other: Vec<(&str, &str)> = ctx(&plain, &[])
+        .into_iter()
+        .filter(|(k, _)| *k != "endpoint")
+        .collect();
+    other.push(("endpoint", &shouted));
+    p.publish("vol-b", &tb, &other).unwrap();
+    emu.reset_stats();
+    for t in [&ta, &tb] {
+        for i in 0..files {
+            verify_stream(&t.join(format!("f{i}.bin")), 130 + i, size);
+        }
+    }
+    let ratio = emu.stats().get_bytes as f64 / (files * size) as f64;
+    eprintln!(
+        "endpoint spellings {:?} and {shouted:?}: fetched {ratio:.3}x the data",
+        emu.endpoint()
+    );
+    assert!(
+        ratio <= 1.05,
+        "one bucket through two spellings of its endpoint was fetched {ratio:.3}x"
+    );
+    p.unpublish("vol-a", &ta).unwrap();
+    p.unpublish("vol-b", &tb).unwrap();
+}
+
+#[test]
+fn driver_name_is_configurable() {
+    if !fuse_available() {
+        return;
+    }
+    let p = Plugin::start(&["--driver-name", "fill.example.com"]);
+    let mut id = p.identity.clone();
+    let info =
+        p.rt.block_on(id.get_plugin_info(GetPluginInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.name, "fill.example.com");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = fillfs()
+        .args(["csi", "--node-id", "n", "--driver-name", "Not_A_Name"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", dir.path().join("s.sock").display()))
+        .arg("--kubelet-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--driver-name"), "{err}");
+}
+
+fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn local_sources_are_refused_without_saying_what_exists() {
+    let existing = std::env::temp_dir().display().to_string();
+    let mut messages = Vec::new();
+    for url in [
+        "file:///var/lib/kubelet/pods/".to_string(),
+        format!("file://{existing}"),
+        "FILE:///no/such/dir-fillfs".to_string(),
+        "file://relative".to_string(),
+    ] {
+        let err = volume::parse(&map(&[("url", &url)]), &HashMap::new()).unwrap_err();
+        assert!(
+            err.contains("file:// sources are not allowed"),
+            "{url}: {err}"
+        );
+        assert!(
+            !err.contains("kubelet") && !err.contains(&existing) && !err.contains("no/such"),
+            "{err}"
+        );
+        messages.push(err);
+    }
+    messages.dedup();
+    assert_eq!(
+        messages.len(),
+        1,
+        "one answer whatever the path: {messages:?}"
+    );
+    // Not even with credentials or through bucket + protocol.
+    let err = volume::parse(
+        &map(&[("url", "file:///etc")]),
+        &map(&[("akId", "i"), ("akSecret", "s")]),
+    )
+    .unwrap_err();
+    assert_eq!(err, volume::LOCAL_SOURCE_REFUSED);
+    let err = volume::parse(
+        &map(&[("bucket", "b"), ("protocol", "file")]),
+        &HashMap::new(),
+    )
+    .unwrap_err();
+    assert!(err.contains("not oss or s3"), "{err}");
+}
+
+#[test]
+fn endpoint_spellings_are_one() {
+    let want = "https://oss-cn-hangzhou.aliyuncs.com";
+    for e in [
+        "oss-cn-hangzhou.aliyuncs.com",
+        "OSS-cn-hangzhou.aliyuncs.com/",
+        " https://oss-cn-hangzhou.aliyuncs.com// ",
+        "HTTPS://oss-cn-hangzhou.aliyuncs.com:443",
+    ] {
+        assert_eq!(volume::normalize_endpoint(e).unwrap(), want, "{e:?}");
+    }
+    assert_eq!(
+        volume::normalize_endpoint("http://127.0.0.1:9000/").unwrap(),
+        "http://127.0.0.1:9000"
+    );
+    assert_eq!(
+        volume::normalize_endpoint("http://Minio.local:80").unwrap(),
+        "http://minio.local"
+    );
+    assert!(volume::normalize_endpoint("ftp://x").is_err());
+    assert!(volume::normalize_endpoint("https://user:pw@host").is_err());
+    // What the cache key is made of: the store's endpoint. An explicit endpoint and the
+    // one a region implies are the same store.
+    let store_endpoint = |ctx: &[(&str, &str)]| {
+        let spec = volume::parse(&map(ctx), &HashMap::new()).unwrap();
+        fillfs::store::Store::new(&spec.store, vec![])
+            .unwrap()
+            .endpoint()
+            .to_string()
+    };
+    let a = store_endpoint(&[
+        ("url", "oss://bkt/p/"),
+        ("endpoint", "OSS-cn-hangzhou.aliyuncs.com/"),
+    ]);
+    let b = store_endpoint(&[("url", "oss://bkt/p/"), ("region", "cn-hangzhou")]);
+    let c = store_endpoint(&[
+        ("bucket", "bkt"),
+        ("path", "p"),
+        ("endpoint", "https://oss-cn-hangzhou.aliyuncs.com"),
+    ]);
+    assert_eq!(a, want);
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+}
+
+#[test]
+fn pod_info_is_kept_for_logs_only() {
+    let spec = volume::parse(
+        &map(&[
+            ("url", "s3://bkt/"),
+            ("csi.storage.k8s.io/pod.namespace", "team-a"),
+            ("csi.storage.k8s.io/pod.name", "fill-7"),
+        ]),
+        &HashMap::new(),
+    )
+    .unwrap();
+    assert_eq!(spec.pod.as_deref(), Some("team-a/fill-7"));
+    assert!(
+        spec.attributes
+            .keys()
+            .all(|k| !k.starts_with("csi.storage.k8s.io/"))
+    );
 }

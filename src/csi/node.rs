@@ -130,11 +130,13 @@ impl NodePlugin {
             .clone()
     }
 
-    /// Forgets `target`'s slot if nobody else holds it (keeps the map bounded).
+    /// Forgets `target`'s slot if it is empty and nobody else holds it (keeps the map
+    /// bounded). Call after releasing the slot's lock.
     fn forget_slot(&self, target: &Path, slot: Slot) {
         let mut slots = self.slots.lock().expect("slots lock");
-        // The map's reference and ours: no other call is waiting on this slot.
-        if Arc::strong_count(&slot) == 2 {
+        // The map's reference and ours: no other call is waiting on this slot, and none can
+        // take a new reference while we hold the map.
+        if Arc::strong_count(&slot) == 2 && slot.try_lock().is_ok_and(|g| g.is_none()) {
             slots.remove(target);
         }
     }
@@ -147,15 +149,33 @@ impl NodePlugin {
         spec: VolumeSpec,
     ) -> Result<(), CsiError> {
         let slot = self.slot(target);
-        let mut guard = slot.lock().await;
-        if let Some(p) = guard.as_ref() {
+        let result = {
+            let mut guard = slot.lock().await;
+            self.publish_locked(&mut guard, volume_id, target, spec)
+                .await
+        };
+        if result.is_err() {
+            self.forget_slot(target, slot);
+        }
+        result
+    }
+
+    async fn publish_locked(
+        &self,
+        slot: &mut Option<Published>,
+        volume_id: &str,
+        target: &Path,
+        spec: VolumeSpec,
+    ) -> Result<(), CsiError> {
+        let pod = spec.pod.as_deref().unwrap_or("-");
+        if let Some(p) = slot.as_ref() {
             if p.handle.is_alive() {
                 if p.volume_id == volume_id && p.attributes == spec.attributes {
                     if let (Some(file), Some(token)) = (&p.token_file, &spec.rrsa_token) {
                         write_private(file, token.expose())
                             .map_err(|e| CsiError::Internal(format!("refreshing token: {e}")))?;
                     }
-                    tracing::info!(volume_id, target = %target.display(), "already published");
+                    tracing::info!(volume_id, pod, target = %target.display(), "already published");
                     return Ok(());
                 }
                 return Err(CsiError::AlreadyExists(format!(
@@ -165,17 +185,23 @@ impl NodePlugin {
                 )));
             }
             tracing::warn!(target = %target.display(), "previous mount ended behind our back; mounting again");
-            *guard = None;
+            *slot = None;
         }
         self.clear_foreign_mount(target).await?;
-        std::fs::create_dir_all(target).map_err(|e| {
-            CsiError::Internal(format!("creating target {}: {e}", target.display()))
-        })?;
+        // Everything made from here on is undone if the publish fails.
+        let mut undo = Undo::default();
+        if !target.exists() {
+            std::fs::create_dir_all(target).map_err(|e| {
+                CsiError::Internal(format!("creating target {}: {e}", target.display()))
+            })?;
+            undo.dir = Some(target.to_path_buf());
+        }
 
         let mut store_cfg = spec.store;
         let token_file = match &spec.rrsa_token {
             Some(token) => {
                 let file = self.token_path(target);
+                undo.file = Some(file.clone());
                 write_private(&file, token.expose())
                     .map_err(|e| CsiError::Internal(format!("writing token file: {e}")))?;
                 if let Some(r) = store_cfg.credentials.rrsa.as_mut() {
@@ -188,12 +214,7 @@ impl NodePlugin {
         let mut limiters = RateLimiter::for_throughput(spec.throughput_mib);
         limiters.extend(self.node_limiters.iter().cloned());
         let store = Store::new(&store_cfg, limiters)?;
-        if let Err(e) = store.preflight().await {
-            if let Some(f) = &token_file {
-                let _ = std::fs::remove_file(f);
-            }
-            return Err(e.into());
-        }
+        store.preflight().await?;
         let config = FsConfig {
             metadata_ttl: spec.metadata_ttl.unwrap_or(self.opts.metadata_ttl),
             max_prefetch_window: self.max_prefetch_window,
@@ -220,15 +241,17 @@ impl NodePlugin {
             tokio::task::spawn_blocking(move || fuse::spawn(fs2, rt, &target2, &mount_cfg))
                 .await
                 .map_err(|e| CsiError::Internal(format!("mount task: {e}")))??;
+        undo.disarm();
         tracing::info!(
             volume_id,
+            pod,
             target = %target.display(),
             source = %store_cfg.source,
             credentials = %store_cfg.credentials.describe(),
             throughput_mib = spec.throughput_mib,
             "published"
         );
-        *guard = Some(Published {
+        *slot = Some(Published {
             volume_id: volume_id.to_string(),
             attributes: spec.attributes,
             handle,
@@ -241,34 +264,63 @@ impl NodePlugin {
     /// A mount at `target` that is not ours: a dead fillfs mount is cleared; anything else
     /// is refused (we never mount over someone else's file system).
     async fn clear_foreign_mount(&self, target: &Path) -> Result<(), CsiError> {
+        match self.clear_dead_mount(target).await {
+            Foreign::None | Foreign::Cleared => Ok(()),
+            Foreign::Live(m) => Err(CsiError::AlreadyExists(format!(
+                "{} is already a mount point ({} from {}) not served by this plugin",
+                target.display(),
+                m.fs_type,
+                m.source
+            ))),
+            Foreign::Failed(e) => Err(CsiError::Internal(format!("clearing stale mount: {e}"))),
+        }
+    }
+
+    /// The one rule for a mount at `target` that no slot of ours holds: detached if it is
+    /// a fillfs mount whose server is gone, left alone otherwise.
+    async fn clear_dead_mount(&self, target: &Path) -> Foreign {
         let Some(m) = mounts::mounted_at(target) else {
-            return Ok(());
+            return Foreign::None;
         };
+        if !m.is_fillfs() {
+            return Foreign::Live(m);
+        }
         let t = target.to_path_buf();
         let dead = tokio::task::spawn_blocking(move || mounts::is_disconnected(&t))
             .await
             .unwrap_or(false);
-        if m.is_fillfs() && dead {
-            mounts::detach(target)
-                .map_err(|e| CsiError::Internal(format!("clearing stale mount: {e}")))?;
-            tracing::info!(target = %target.display(), "cleared a stale mount before publishing");
-            return Ok(());
+        if !dead {
+            return Foreign::Live(m);
         }
-        Err(CsiError::AlreadyExists(format!(
-            "{} is already a mount point ({} from {}) not served by this plugin",
-            target.display(),
-            m.fs_type,
-            m.source
-        )))
+        match mounts::detach(target) {
+            Ok(()) => {
+                tracing::info!(target = %target.display(), "cleared a mount left by a previous run");
+                Foreign::Cleared
+            }
+            Err(e) => Foreign::Failed(e),
+        }
     }
 
     /// Unmounts `target` and removes the directory. Succeeds if nothing is there.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
         let slot = self.slot(target);
-        let mut guard = slot.lock().await;
-        if let Some(p) = guard.take() {
+        let result = {
+            let mut guard = slot.lock().await;
+            self.unpublish_locked(&mut guard, volume_id, target).await
+        };
+        self.forget_slot(target, slot);
+        result
+    }
+
+    async fn unpublish_locked(
+        &self,
+        slot: &mut Option<Published>,
+        volume_id: &str,
+        target: &Path,
+    ) -> Result<(), CsiError> {
+        if let Some(p) = slot.take() {
             if let Err(e) = p.handle.try_unmount() {
-                *guard = Some(p);
+                *slot = Some(p);
                 return Err(CsiError::FailedPrecondition(format!(
                     "{e}; a process still uses the volume"
                 )));
@@ -283,17 +335,29 @@ impl NodePlugin {
                 let _ = std::fs::remove_file(f);
             }
             tracing::info!(volume_id, target = %target.display(), "unpublished");
-        } else if let Some(m) = mounts::mounted_at(target)
-            && m.is_fillfs()
-        {
-            mounts::detach(target)
-                .map_err(|e| CsiError::Internal(format!("clearing stale mount: {e}")))?;
-            tracing::info!(volume_id, target = %target.display(), "cleared a mount left by a previous run");
         } else {
-            tracing::info!(volume_id, target = %target.display(), "not published; nothing to do");
+            match self.clear_dead_mount(target).await {
+                Foreign::None => {
+                    tracing::info!(volume_id, target = %target.display(), "not published; nothing to do");
+                }
+                Foreign::Cleared => {}
+                Foreign::Live(m) if m.is_fillfs() => {
+                    return Err(CsiError::FailedPrecondition(format!(
+                        "{} is a live fillfs mount ({}) served by another process, not this plugin; it is left alone",
+                        target.display(),
+                        m.source
+                    )));
+                }
+                Foreign::Live(m) => {
+                    tracing::warn!(volume_id, target = %target.display(), fs_type = %m.fs_type, "not published by us; another file system is mounted there and left alone");
+                }
+                Foreign::Failed(e) => {
+                    return Err(CsiError::Internal(format!("clearing stale mount: {e}")));
+                }
+            }
         }
-        drop(guard);
-        self.forget_slot(target, slot);
+        // Still under the slot's lock: a publish of the same path waiting for it must find
+        // the directory as we leave it.
         match std::fs::remove_dir(target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -338,6 +402,44 @@ impl NodePlugin {
             .state_dir
             .join("tokens")
             .join(format!("{:016x}.token", h.finish()))
+    }
+}
+
+/// What a mount at a target path that no slot holds turned out to be.
+enum Foreign {
+    None,
+    /// A fillfs mount whose server was gone, now detached.
+    Cleared,
+    /// Served by someone (another process, or not fillfs at all).
+    Live(mounts::MountEntry),
+    Failed(std::io::Error),
+}
+
+/// What a publish has made so far (target directory, token file), removed on drop unless
+/// the publish succeeded: every early return of a failed publish leaves nothing behind.
+#[derive(Default)]
+struct Undo {
+    dir: Option<PathBuf>,
+    file: Option<PathBuf>,
+}
+
+impl Undo {
+    fn disarm(&mut self) {
+        self.dir = None;
+        self.file = None;
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(&f);
+            let _ = std::fs::remove_file(f.with_extension("tmp"));
+        }
+        if let Some(d) = self.dir.take() {
+            // Only if still empty: a failed mount leaves nothing inside.
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 

@@ -16,7 +16,8 @@ use super::proto::*;
 use super::volume;
 use crate::error::Error;
 
-/// The driver name kubelet knows us by (CSIDriver object, `csi.driver` in a pod volume).
+/// The default driver name kubelet knows us by (CSIDriver object, `csi.driver` in a pod
+/// volume); `--driver-name` changes it, to match the controller's `--csi-driver`.
 pub const DRIVER_NAME: &str = "csi.fillfs.io";
 
 /// Everything `fillfs csi` needs.
@@ -24,6 +25,8 @@ pub const DRIVER_NAME: &str = "csi.fillfs.io";
 pub struct CsiOptions {
     /// `unix:///csi/csi.sock` or a plain path.
     pub endpoint: String,
+    /// The name GetPluginInfo answers (must equal the CSIDriver object's name).
+    pub driver_name: String,
     /// Mounts of fillfs under this directory that a previous run left are cleared at start.
     pub kubelet_dir: PathBuf,
     pub node: NodeOptions,
@@ -54,7 +57,9 @@ impl From<CsiError> for Status {
     }
 }
 
-struct IdentityService;
+struct IdentityService {
+    driver_name: String,
+}
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
@@ -63,7 +68,7 @@ impl Identity for IdentityService {
         _: Request<GetPluginInfoRequest>,
     ) -> Result<Response<GetPluginInfoResponse>, Status> {
         Ok(Response::new(GetPluginInfoResponse {
-            name: DRIVER_NAME.to_string(),
+            name: self.driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
             manifest: Default::default(),
         }))
@@ -134,16 +139,17 @@ impl Node for NodeService {
             }
         }
         let spec = volume::parse(&r.volume_context, &r.secrets).map_err(|m| {
-            tracing::warn!(volume_id = %r.volume_id, error = %m, "publish refused");
+            tracing::warn!(volume_id = %r.volume_id, pod = %volume::pod_of(&r.volume_context), error = %m, "publish refused");
             Status::invalid_argument(m)
         })?;
+        let pod = spec.pod.clone().unwrap_or_else(|| "-".into());
         // Writers are accepted (inline volumes default to readOnly: false) but the mount
         // is always read-only.
         self.plugin
             .publish(&r.volume_id, &target, spec)
             .await
             .map_err(|e| {
-                tracing::warn!(volume_id = %r.volume_id, target = %target.display(), error = %e, "publish failed");
+                tracing::warn!(volume_id = %r.volume_id, pod = %pod, target = %target.display(), error = %e, "publish failed");
                 Status::from(e)
             })?;
         Ok(Response::new(NodePublishVolumeResponse {}))
@@ -210,6 +216,24 @@ impl Node for NodeService {
     }
 }
 
+/// A CSI driver name: at most 63 characters, lower-case alphanumerics, `-` and `.`, starting
+/// and ending with an alphanumeric (CSI spec, GetPluginInfo).
+pub fn check_driver_name(name: &str) -> Result<(), Error> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| alnum(c) || c == '-' || c == '.')
+        && name.starts_with(alnum)
+        && name.ends_with(alnum);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption(format!(
+            "--driver-name {name:?}: expected a DNS-style name of at most 63 characters, e.g. csi.fillfs.io"
+        )))
+    }
+}
+
 /// The socket path of `unix:///csi/csi.sock` (or of a plain path).
 pub fn socket_path(endpoint: &str) -> Result<PathBuf, Error> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
@@ -230,6 +254,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let socket = socket_path(&opts.endpoint)?;
+    check_driver_name(&opts.driver_name)?;
     let cleared = tokio::task::spawn_blocking({
         let dir = opts.kubelet_dir.clone();
         move || mounts::clear_stale_under(&dir)
@@ -263,13 +288,16 @@ pub async fn serve(
     tracing::info!(
         socket = %socket.display(),
         node_id = %opts.node.node_id,
+        driver = %opts.driver_name,
         node_throughput_mib = opts.node.node_throughput_mib,
         cache_size = %bytesize::ByteSize(opts.node.cache_size).display().iec(),
         "CSI node plugin serving"
     );
     on_ready();
     let result = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService))
+        .add_service(IdentityServer::new(IdentityService {
+            driver_name: opts.driver_name.clone(),
+        }))
         .add_service(NodeServer::new(NodeService {
             plugin: plugin.clone(),
         }))

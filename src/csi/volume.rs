@@ -8,6 +8,15 @@
 //! Credentials come only from the call: the secrets (AK/SK) or, for RRSA, the pod's
 //! service-account token that kubelet passes in `csi.storage.k8s.io/serviceAccount.tokens`.
 //! The plugin's own identity is never lent to a volume (see `StoreConfig::ambient_credentials`).
+//!
+//! Sources are buckets only. The plugin runs privileged with the host's kubelet directory
+//! mounted, so a `file://` source would let any pod author read the node's files (every
+//! Secret under `/var/lib/kubelet/pods/`): it is refused here, before anything touches the
+//! disk, with one message whatever the path (no oracle for which host paths exist).
+//!
+//! Endpoints are normalised (scheme added, lower case, default port and trailing `/`
+//! dropped) because the node-wide cache is keyed by endpoint: two spellings of one endpoint
+//! must share blocks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -25,7 +34,7 @@ const TOKENS_KEY: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 pub const KEYS: &[(&str, &str)] = &[
     (
         "url",
-        "the whole source: s3://BUCKET/PREFIX, oss://BUCKET/PREFIX or file:///DIR",
+        "the whole source: s3://BUCKET/PREFIX or oss://BUCKET/PREFIX",
     ),
     ("bucket", "bucket name (instead of url)"),
     ("path", "prefix inside the bucket, default / (with bucket)"),
@@ -78,7 +87,14 @@ pub struct VolumeSpec {
     /// The user-set attributes (kubelet's own keys removed): two publishes of one target
     /// path are the same volume only if these are equal.
     pub attributes: BTreeMap<String, String>,
+    /// `namespace/name` of the pod, when kubelet passes pod info (CSIDriver
+    /// `podInfoOnMount`); for logs only.
+    pub pod: Option<String>,
 }
+
+/// Why a `file://` source is refused. Deliberately without the path: the answer must not
+/// depend on what exists on the node.
+pub const LOCAL_SOURCE_REFUSED: &str = "file:// sources are not allowed in CSI volumes: the plugin runs privileged on the node, so a local path would expose the node's files to the pod; use s3:// or oss://";
 
 /// Parses a NodePublishVolume's context and secrets. The error is a sentence for the
 /// user (it ends up in the pod's events), never containing a secret value.
@@ -116,6 +132,12 @@ pub fn parse(
                     "path and protocol go with bucket; with url, put them in the url".into(),
                 );
             }
+            if url
+                .split_once("://")
+                .is_some_and(|(s, _)| s.eq_ignore_ascii_case("file"))
+            {
+                return Err(LOCAL_SOURCE_REFUSED.into());
+            }
             SourceUrl::parse(&url).map_err(|e| e.to_string())?
         }
         (None, Some(bucket)) => {
@@ -128,6 +150,9 @@ pub fn parse(
             SourceUrl::parse(&format!("{protocol}://{bucket}/{path}")).map_err(|e| e.to_string())?
         }
     };
+    if source.scheme == Scheme::File {
+        return Err(LOCAL_SOURCE_REFUSED.into());
+    }
     if source.scheme == Scheme::Oss && get("endpoint").is_none() && get("region").is_none() {
         return Err("oss volumes need endpoint or region (e.g. region: cn-hangzhou)".into());
     }
@@ -147,7 +172,11 @@ pub fn parse(
         ),
     };
 
-    let credentials = credentials(source.scheme, secrets)?;
+    let endpoint = match get("endpoint") {
+        None => None,
+        Some(e) => Some(normalize_endpoint(&e)?),
+    };
+    let credentials = credentials(secrets)?;
     let (credentials, rrsa_token) = match (get("roleArn"), get("oidcProviderArn")) {
         (None, None) => (credentials, None),
         (Some(role_arn), Some(oidc_provider_arn)) => {
@@ -166,7 +195,9 @@ pub fn parse(
         _ => return Err("RRSA needs both roleArn and oidcProviderArn".into()),
     };
 
-    let mut store = StoreConfig::new(source, get("endpoint"), get("region"));
+    let pod = Some(pod_of(context)).filter(|p| p != "-");
+
+    let mut store = StoreConfig::new(source, endpoint, get("region"));
     store.credentials = credentials;
     store.ambient_credentials = false;
     Ok(VolumeSpec {
@@ -175,7 +206,59 @@ pub fn parse(
         metadata_ttl,
         rrsa_token,
         attributes,
+        pod,
     })
+}
+
+/// `namespace/name` of the pod from kubelet's pod info (CSIDriver `podInfoOnMount`), or
+/// `-` without it. For logs.
+pub fn pod_of(context: &HashMap<String, String>) -> String {
+    match (
+        context.get("csi.storage.k8s.io/pod.namespace"),
+        context.get("csi.storage.k8s.io/pod.name"),
+    ) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name.clone(),
+        _ => "-".into(),
+    }
+}
+
+/// One spelling per endpoint: `OSS-cn-hangzhou.aliyuncs.com/`, `https://oss-cn-hangzhou.aliyuncs.com`
+/// and `https://oss-cn-hangzhou.aliyuncs.com:443` all become the last but one. The scheme
+/// defaults to https (as the store assumes); scheme and host are case-insensitive; a
+/// default port and trailing slashes say nothing.
+pub fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
+    let e = endpoint.trim();
+    let (scheme, rest) = match e.split_once("://") {
+        Some((s, r)) => (s.to_ascii_lowercase(), r),
+        None => ("https".to_string(), e),
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "endpoint {endpoint:?}: scheme must be http or https"
+        ));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!(
+            "endpoint {endpoint:?} must be a host (and port), e.g. oss-cn-hangzhou-internal.aliyuncs.com"
+        ));
+    }
+    let mut host = authority.to_ascii_lowercase();
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    if let Some(h) = host.strip_suffix(default_port) {
+        host = h.to_string();
+    }
+    let normal = format!("{scheme}://{host}{path}");
+    match normal.parse::<http::Uri>() {
+        Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(normal),
+        _ => Err(format!(
+            "endpoint {endpoint:?} is not a valid URL or host (e.g. oss-cn-hangzhou-internal.aliyuncs.com)"
+        )),
+    }
 }
 
 fn first<'a>(secrets: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a String> {
@@ -185,21 +268,16 @@ fn first<'a>(secrets: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a
         .filter(|v| !v.is_empty())
 }
 
-fn credentials(scheme: Scheme, secrets: &HashMap<String, String>) -> Result<Credentials, String> {
+fn credentials(secrets: &HashMap<String, String>) -> Result<Credentials, String> {
     let id = first(secrets, KEY_ID_NAMES);
     let secret = first(secrets, KEY_SECRET_NAMES);
     match (id, secret) {
-        (Some(id), Some(secret)) => {
-            if scheme == Scheme::File {
-                return Err("file:// volumes take no credentials".into());
-            }
-            Ok(Credentials {
-                access_key_id: Some(Secret::new(id.clone())),
-                secret_access_key: Some(Secret::new(secret.clone())),
-                session_token: first(secrets, TOKEN_NAMES).map(|t| Secret::new(t.clone())),
-                rrsa: None,
-            })
-        }
+        (Some(id), Some(secret)) => Ok(Credentials {
+            access_key_id: Some(Secret::new(id.clone())),
+            secret_access_key: Some(Secret::new(secret.clone())),
+            session_token: first(secrets, TOKEN_NAMES).map(|t| Secret::new(t.clone())),
+            rrsa: None,
+        }),
         (None, None) => Ok(Credentials::default()),
         (Some(_), None) => Err(format!(
             "the node-publish secret has an access key id but no secret (one of {})",
