@@ -165,6 +165,8 @@ enum Reply {
     /// Answer with the request's own body (creates).
     Echo,
     Text(String),
+    /// 409: the object changed since the resourceVersion the request carried.
+    Conflict,
 }
 
 type Check = Box<dyn FnOnce(&Value) + Send>;
@@ -331,6 +333,15 @@ async fn run(
             Reply::NotFound => (404, serde_json::to_vec(&not_found()).unwrap()),
             Reply::Echo => (201, bytes.to_vec()),
             Reply::Text(t) => (200, t.into_bytes()),
+            Reply::Conflict => (
+                409,
+                serde_json::to_vec(
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": "the object has been modified",
+                    "reason": "Conflict", "code": 409}),
+                )
+                .unwrap(),
+            ),
         };
         send.send_response(
             Response::builder()
@@ -1221,6 +1232,74 @@ async fn a_bound_claim_is_only_cleaned_up_never_filled_again() {
         event_with_reason("Populated"),
     ];
     let (action, _) = run(bound, script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn status_counts_survive_fills_that_end_at_once() {
+    // Another claim's fill was counted since the populator was read: the count is re-read.
+    let bound = with(finalized(user_pvc()), "/spec/volumeName", json!("d-pv-1"));
+    let mut newer = cr_json(&seed_cr());
+    newer["metadata"]["resourceVersion"] = json!("6");
+    newer["status"]["succeeded"] = json!(4);
+    let running = with(
+        pod("Running", None),
+        "/metadata/name",
+        json!("populate-other"),
+    );
+    let mut elsewhere = running.clone();
+    elsewhere["metadata"]["annotations"]["fillfs.io/populator"] = json!("data/generic-demo");
+    let script = vec![
+        expect(Method::GET, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, prime_path(), Reply::NotFound),
+        expect(Method::DELETE, secret_path(), Reply::NotFound),
+        finish_patch(&bound),
+        expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
+        event_with_reason("Populated"),
+        expect(
+            Method::GET,
+            format!("/api/v1/namespaces/{OURS}/pods"),
+            Reply::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                "items": [running, elsewhere, pod("Failed", None)]})),
+        ),
+        expect(Method::PATCH, format!("{CR_PATH}/status"), Reply::Conflict).check(|b| {
+            assert_eq!(
+                b,
+                &json!({"metadata": {"resourceVersion": "5"}, "status": {"succeeded": 1, "inFlight": 1}})
+            )
+        }),
+        expect(Method::GET, CR_PATH, Reply::Json(newer.clone())),
+        expect(Method::PATCH, format!("{CR_PATH}/status"), Reply::Json(newer)).check(|b| {
+            assert_eq!(
+                b,
+                &json!({"metadata": {"resourceVersion": "6"}, "status": {"succeeded": 5, "inFlight": 1}})
+            )
+        }),
+    ];
+    let (action, _) = run(bound, script, |_| {}).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_claim_problem_that_is_fixed_is_cleared_then_filled() {
+    let pvc = with(
+        user_pvc(),
+        "/metadata/annotations",
+        json!({"fillfs.io/invalid": "volumeMode Block takes one disk image ..."}),
+    );
+    let script = vec![
+        expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
+        expect(Method::PATCH, user_pvc_path(), Reply::Json(user_pvc())).check(|b| {
+            assert_eq!(
+                b,
+                &json!({"metadata": {"annotations": {"fillfs.io/invalid": null}}})
+            )
+        }),
+    ];
+    // Nothing more in this round: its copy of the claim is stale after the patch (the mock
+    // would refuse the finalizer's resourceVersion); the patch wakes the next round.
+    let (action, _) = run(pvc, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 }
 

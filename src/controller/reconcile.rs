@@ -216,7 +216,10 @@ pub async fn reconcile(
         return reject_pvc(&ctx, &pvc, &reason).await;
     }
     if annotation(&pvc, ANN_INVALID).is_some() {
+        // Fixed. The patch wakes the next reconcile with the claim as it is now; going on
+        // here would write with this copy's (now stale) resourceVersion.
         annotate(&ctx, &pvc, json!({ ANN_INVALID: null })).await?;
+        return Ok(Action::await_change());
     }
 
     let selected_node = annotation(&pvc, ANN_SELECTED_NODE).map(str::to_string);
