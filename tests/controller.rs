@@ -12,7 +12,7 @@ use std::time::Duration;
 use fillfs::controller::crd::OSSVolumePopulator;
 use fillfs::controller::metrics::Metrics;
 use fillfs::controller::objects::{self, Settings};
-use fillfs::controller::reconcile::{Context, populator_ref, reconcile};
+use fillfs::controller::reconcile::{Context, ReconcileError, populator_ref, reconcile};
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::client::Body;
@@ -167,6 +167,8 @@ enum Reply {
     Text(String),
     /// 409: the object changed since the resourceVersion the request carried.
     Conflict,
+    /// 422 with this message: the object breaks the API's validation.
+    Invalid(&'static str),
 }
 
 type Check = Box<dyn FnOnce(&Value) + Send>;
@@ -246,6 +248,16 @@ async fn run(
     script: Vec<Expect>,
     tweak: impl FnOnce(&mut Context),
 ) -> (Action, Arc<Metrics>) {
+    let (result, metrics) = run_result(pvc, script, tweak).await;
+    (result.expect("reconcile"), metrics)
+}
+
+/// [`run`], for a reconcile that may end in an error.
+async fn run_result(
+    pvc: Value,
+    script: Vec<Expect>,
+    tweak: impl FnOnce(&mut Context),
+) -> (Result<Action, ReconcileError>, Arc<Metrics>) {
     let (svc, mut handle): (_, ApiHandle) = tower_test::mock::pair();
     let client = kube::Client::new(svc, "default");
     let metrics = Arc::new(Metrics::default());
@@ -333,6 +345,14 @@ async fn run(
             Reply::NotFound => (404, serde_json::to_vec(&not_found()).unwrap()),
             Reply::Echo => (201, bytes.to_vec()),
             Reply::Text(t) => (200, t.into_bytes()),
+            Reply::Invalid(m) => (
+                422,
+                serde_json::to_vec(
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": m, "reason": "Invalid", "code": 422}),
+                )
+                .unwrap(),
+            ),
             Reply::Conflict => (
                 409,
                 serde_json::to_vec(
@@ -353,11 +373,11 @@ async fn run(
     let mut rec = rec;
     let action = tokio::select! {
         biased;
-        r = &mut rec => r.unwrap().expect("reconcile"),
+        r = &mut rec => r.unwrap(),
         extra = handle.next_request() => match extra {
             Some((req, _)) => panic!("unexpected request after the script: {} {}", req.method(), req.uri()),
             // The reconcile ended and dropped its client.
-            None => rec.await.unwrap().expect("reconcile"),
+            None => rec.await.unwrap(),
         },
     };
     (action, metrics)
@@ -1301,6 +1321,28 @@ async fn a_claim_problem_that_is_fixed_is_cleared_then_filled() {
     // would refuse the finalizer's resourceVersion); the patch wakes the next round.
     let (action, _) = run(pvc, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_fill_pod_the_api_server_refuses_is_reported_on_the_claim() {
+    // E.g. a resources.limits smaller than its requests in generic.resources.
+    let why = "Pod \"populate-x\" is invalid: spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit";
+    let mut script = running_fill_prefix(&cr_json(&seed_cr()));
+    script.extend([
+        expect(Method::GET, pod_path(), Reply::NotFound),
+        expect(
+            Method::POST,
+            format!("/api/v1/namespaces/{OURS}/pods"),
+            Reply::Invalid(why),
+        ),
+        expect(Method::POST, EVENTS, Reply::Echo).check(move |b| {
+            assert_eq!(b["reason"], "PodRejected");
+            assert!(b["note"].as_str().unwrap().contains(why), "{b}");
+        }),
+    ]);
+    let (result, metrics) = run_result(finalized(user_pvc()), script, |_| {}).await;
+    assert!(result.is_err(), "retried by the error policy: {result:?}");
+    assert!(metrics.render().contains("fillfs_populations_in_flight 0"));
 }
 
 #[tokio::test]

@@ -298,7 +298,27 @@ async fn start_fill(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
     let uid = pvc.uid().unwrap_or_default();
     let pod = objects::fill_pod(pvc, cr, &ctx.settings, selected_node, secret.as_deref());
-    pods.create(&PostParams::default(), &pod).await?;
+    if let Err(e) = pods.create(&PostParams::default(), &pod).await {
+        // Refused by validation or admission (quota, policy): only the logs would say why,
+        // and the error policy retries it; the claim's events should say it too.
+        if let kube::Error::Api(a) = &e
+            && matches!(a.code, 400 | 403 | 422)
+        {
+            event(
+                ctx,
+                pvc,
+                EventType::Warning,
+                "PodRejected",
+                format!(
+                    "the API server refused the fill pod {ours_ns}/{}: {}",
+                    pod_name(&uid),
+                    a.message
+                ),
+            )
+            .await;
+        }
+        return Err(e.into());
+    }
     ctx.metrics.in_flight.inc();
     event(
         ctx,
