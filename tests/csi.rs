@@ -663,7 +663,12 @@ fn failed_publish_leaves_no_token_and_no_target() {
         start.elapsed().as_secs_f64(),
         e.message()
     );
-    assert_ne!(e.code(), Code::Ok);
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("RRSA") && e.message().contains("acs:ram::1:role/fill"),
+        "{e:?}"
+    );
+    assert!(!e.message().contains("pod-token-value"), "{e:?}");
     let token_dir = p.dir.path().join("state/tokens");
     let left: Vec<_> = std::fs::read_dir(&token_dir)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())

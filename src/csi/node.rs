@@ -40,6 +40,8 @@ pub enum CsiError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
     Internal(String),
     /// From the store's preflight or the mount; the code depends on the kind.
     #[error(transparent)]
@@ -214,7 +216,23 @@ impl NodePlugin {
         let mut limiters = RateLimiter::for_throughput(spec.throughput_mib);
         limiters.extend(self.node_limiters.iter().cloned());
         let store = Store::new(&store_cfg, limiters)?;
-        store.preflight().await?;
+        match store.preflight().await {
+            Ok(()) => {}
+            // Unclassified with RRSA is almost always the STS exchange, of which OpenDAL
+            // only says it could not sign. Say what to check (never the token).
+            Err(Error::Store(e)) if token_file.is_some() => {
+                return Err(CsiError::PermissionDenied(format!(
+                    "RRSA: listing the source with roleArn {:?} failed ({e}); usually the STS exchange: check that the role trusts oidcProviderArn and this pod's service account, and that STS is reachable",
+                    store_cfg
+                        .credentials
+                        .rrsa
+                        .as_ref()
+                        .map(|r| r.role_arn.as_str())
+                        .unwrap_or("")
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
         let config = FsConfig {
             metadata_ttl: spec.metadata_ttl.unwrap_or(self.opts.metadata_ttl),
             max_prefetch_window: self.max_prefetch_window,

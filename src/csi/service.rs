@@ -38,6 +38,7 @@ impl From<CsiError> for Status {
             CsiError::InvalidArgument(m) => Status::invalid_argument(m),
             CsiError::AlreadyExists(m) => Status::already_exists(m),
             CsiError::FailedPrecondition(m) => Status::failed_precondition(m),
+            CsiError::PermissionDenied(m) => Status::permission_denied(m),
             CsiError::Internal(m) => Status::internal(m),
             CsiError::Source(e) => {
                 let msg = e.to_string();
