@@ -228,6 +228,18 @@ fn event_with_reason(reason: &'static str) -> Expect {
 }
 
 /// The one patch that ends a fill: our finalizer out (tested in place), "done" in.
+/// A bound claim released: the fill pod looked up, pod, PVC' and secret copy deleted, then
+/// the finishing patch of the claim.
+fn released_steps(bound: &Value) -> Vec<Expect> {
+    vec![
+        expect(Method::GET, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, pod_path(), Reply::NotFound),
+        expect(Method::DELETE, prime_path(), Reply::NotFound),
+        expect(Method::DELETE, secret_path(), Reply::NotFound),
+        finish_patch(bound),
+    ]
+}
+
 fn finish_patch(pvc: &Value) -> Expect {
     expect(Method::PATCH, user_pvc_path(), Reply::Json(pvc.clone())).check(|b| {
         assert_eq!(
@@ -1217,12 +1229,8 @@ async fn a_bound_claim_is_only_cleaned_up_never_filled_again() {
     // The finish patch failed once (e.g. a conflict) after the clean-up: the retry finds
     // the claim bound, PVC' and the pod gone. It must not start a new fill.
     let bound = with(finalized(user_pvc()), "/spec/volumeName", json!("d-pv-1"));
-    let script = vec![
-        expect(Method::GET, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, prime_path(), Reply::NotFound),
-        expect(Method::DELETE, secret_path(), Reply::NotFound),
-        finish_patch(&bound),
+    let mut script = released_steps(&bound);
+    script.extend([
         expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
         event_with_reason("Populated"),
         expect(
@@ -1237,20 +1245,16 @@ async fn a_bound_claim_is_only_cleaned_up_never_filled_again() {
             format!("{CR_PATH}/status"),
             Reply::Json(cr_json(&seed_cr())),
         ),
-    ];
+    ]);
     let (action, _) = run(bound.clone(), script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 
     // Its populator deleted meanwhile: still cleaned up and released.
-    let script = vec![
-        expect(Method::GET, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, prime_path(), Reply::NotFound),
-        expect(Method::DELETE, secret_path(), Reply::NotFound),
-        finish_patch(&bound),
+    let mut script = released_steps(&bound);
+    script.extend([
         expect(Method::GET, CR_PATH, Reply::NotFound),
         event_with_reason("Populated"),
-    ];
+    ]);
     let (action, _) = run(bound, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 }
@@ -1269,12 +1273,8 @@ async fn status_counts_survive_fills_that_end_at_once() {
     );
     let mut elsewhere = running.clone();
     elsewhere["metadata"]["annotations"]["fillfs.io/populator"] = json!("data/generic-demo");
-    let script = vec![
-        expect(Method::GET, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, pod_path(), Reply::NotFound),
-        expect(Method::DELETE, prime_path(), Reply::NotFound),
-        expect(Method::DELETE, secret_path(), Reply::NotFound),
-        finish_patch(&bound),
+    let mut script = released_steps(&bound);
+    script.extend([
         expect(Method::GET, CR_PATH, Reply::Json(cr_json(&seed_cr()))),
         event_with_reason("Populated"),
         expect(
@@ -1296,7 +1296,7 @@ async fn status_counts_survive_fills_that_end_at_once() {
                 &json!({"metadata": {"resourceVersion": "6"}, "status": {"succeeded": 5, "inFlight": 1}})
             )
         }),
-    ];
+    ]);
     let (action, _) = run(bound, script, |_| {}).await;
     assert_eq!(action, Action::await_change());
 }
