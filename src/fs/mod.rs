@@ -77,7 +77,15 @@ impl Fs {
             .max_capacity(100_000)
             .time_to_live(config.metadata_ttl.max(Duration::from_millis(1)))
             .build();
-        let store_id: Arc<str> = format!("{}|{}", store.endpoint(), store.source()).into();
+        // Cached blocks are shared only between readers of the same principal (see
+        // `Store::principal`).
+        let store_id: Arc<str> = format!(
+            "{}|{}|{}",
+            store.endpoint(),
+            store.source(),
+            store.principal()
+        )
+        .into();
         Fs {
             store,
             cache,

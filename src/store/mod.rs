@@ -95,6 +95,8 @@ pub struct Store {
     op_no_retry: Operator,
     source: SourceUrl,
     endpoint: String,
+    /// Who reads: see [`Store::principal`].
+    principal: Arc<str>,
     limiters: Arc<[Arc<RateLimiter>]>,
     stats: Arc<StoreStats>,
 }
@@ -118,6 +120,7 @@ impl Store {
             op_no_retry: built.op_no_retry,
             source: cfg.source.clone(),
             endpoint: built.endpoint,
+            principal: principal(cfg).into(),
             limiters: limiters.into(),
             stats: Arc::new(StoreStats::default()),
         })
@@ -129,6 +132,14 @@ impl Store {
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Who this store reads as, for keys of shared caches: a digest of the access key id,
+    /// the RRSA role, or `ambient`/`anonymous`. Never a secret, and not the key id itself.
+    /// Two stores with different principals must not share cached object data: one may be
+    /// allowed to read what the other is not.
+    pub fn principal(&self) -> &str {
+        &self.principal
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -315,6 +326,20 @@ impl Store {
     }
 }
 
+fn principal(cfg: &StoreConfig) -> String {
+    use md5::Digest;
+    let c = &cfg.credentials;
+    match (&c.access_key_id, &c.rrsa) {
+        (Some(id), _) => {
+            let d = md5::Md5::digest(id.expose().as_bytes());
+            format!("key:{}", &crate::populate::copy::hex(&d)[..16])
+        }
+        (None, Some(r)) => format!("role:{}", r.role_arn),
+        (None, None) if cfg.ambient_credentials => "ambient".into(),
+        (None, None) => "anonymous".into(),
+    }
+}
+
 fn object_meta(meta: &opendal::Metadata) -> ObjectMeta {
     ObjectMeta {
         size: meta.content_length(),
@@ -330,4 +355,49 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(ak: Option<&str>, rrsa: Option<&str>, ambient: bool) -> Store {
+        let mut cfg = StoreConfig::new(
+            SourceUrl::parse("s3://bucket/p/").unwrap(),
+            Some("http://127.0.0.1:1".into()),
+            None,
+        );
+        cfg.ambient_credentials = ambient;
+        cfg.credentials = Credentials {
+            access_key_id: ak.map(Secret::new),
+            secret_access_key: ak.map(|_| Secret::new("s")),
+            session_token: None,
+            rrsa: rrsa.map(|r| Rrsa {
+                role_arn: r.into(),
+                oidc_provider_arn: "p".into(),
+                oidc_token_file: "/t".into(),
+            }),
+        };
+        Store::new(&cfg, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn principals_tell_readers_apart_without_naming_keys() {
+        let a = store(Some("AKIDAAAA"), None, true);
+        assert_eq!(
+            a.principal(),
+            store(Some("AKIDAAAA"), None, false).principal()
+        );
+        assert_ne!(
+            a.principal(),
+            store(Some("AKIDBBBB"), None, true).principal()
+        );
+        assert!(a.principal().starts_with("key:") && !a.principal().contains("AKID"));
+        assert_eq!(
+            store(None, Some("acs:ram::1:role/r"), false).principal(),
+            "role:acs:ram::1:role/r"
+        );
+        assert_eq!(store(None, None, false).principal(), "anonymous");
+        assert_eq!(store(None, None, true).principal(), "ambient");
+    }
 }
