@@ -81,7 +81,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory, opts.part_size));
     let progress = Arc::new(Progress::new(meta.size, 1));
     let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
-    let opts_early = opts.early_writeback;
+    let early = opts.early_writeback;
     let mut tasks = tokio::task::JoinSet::new();
     for r in split_ranges(meta.size, opts.part_size) {
         let (fetcher, file, key, progress) =
@@ -90,7 +90,6 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             let start = r.start;
             let data = fetcher.fetch(&key, r).await?;
             let n = data.len() as u64;
-            let early = opts_early;
             tokio::task::spawn_blocking(move || {
                 file.write_all_at(&data, start)?;
                 if early {

@@ -331,8 +331,8 @@ fn principal(cfg: &StoreConfig) -> String {
     let c = &cfg.credentials;
     match (&c.access_key_id, &c.rrsa) {
         (Some(id), _) => {
-            let d = md5::Md5::digest(id.expose().as_bytes());
-            format!("key:{}", &crate::populate::copy::hex(&d)[..16])
+            let d = format!("{:x}", md5::Md5::digest(id.expose().as_bytes()));
+            format!("key:{}", &d[..16])
         }
         (None, Some(r)) => format!("role:{}", r.role_arn),
         (None, None) if cfg.ambient_credentials => "ambient".into(),
