@@ -62,8 +62,9 @@ pub enum Error {
     )]
     UnsafeKeys { count: usize, examples: String },
 
-    #[error("copying {path}: {source}")]
-    Copy { path: String, source: Box<Error> },
+    /// Not a `source` (thiserror would chain it, and `{:#}` would print the cause twice).
+    #[error("copying {path}: {cause}")]
+    Copy { path: String, cause: Box<Error> },
 
     #[error("object store: {0}")]
     Store(#[from] opendal::Error),
@@ -105,7 +106,7 @@ impl Error {
             | Error::ChecksumMismatch { .. }
             | Error::NoSpace { .. }
             | Error::UnsafeKeys { .. } => true,
-            Error::Copy { source, .. } => source.is_permanent(),
+            Error::Copy { cause, .. } => cause.is_permanent(),
             Error::Shared(e) => e.is_permanent(),
             Error::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),
             _ => false,

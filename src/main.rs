@@ -141,6 +141,9 @@ struct StoreArgs {
     /// and jitter, before the read fails.
     #[arg(long, default_value_t = 5)]
     retries: usize,
+    /// Send requests unsigned, for public-read buckets: no credentials are looked up.
+    #[arg(long)]
+    no_sign_request: bool,
 }
 
 impl StoreArgs {
@@ -154,6 +157,10 @@ impl StoreArgs {
         };
         let mut cfg = StoreConfig::new(url, self.endpoint, self.region);
         cfg.max_retries = self.retries;
+        if self.no_sign_request {
+            cfg.credentials = Default::default();
+            cfg.ambient_credentials = false;
+        }
         Ok(cfg)
     }
 }
@@ -364,6 +371,9 @@ fn populate(a: PopulateArgs) -> Result<()> {
             String::new()
         },
     );
+    if s.files > 0 {
+        eprintln!("fillfs: {}", s.checked);
+    }
     Ok(())
 }
 

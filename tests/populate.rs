@@ -253,12 +253,14 @@ fn checksum_mismatch_is_detected_and_names_the_file() {
     emu.put_object(BUCKET, "sum/good", Bytes::from(pattern(1, 0, 100_000)));
     emu.put_object(BUCKET, "sum/bad", Bytes::from(pattern(2, 0, 100_000)));
     emu.corrupt_key(BUCKET, "sum/bad");
+    // As S3: no CRC-64 declared, so the single-part ETag's MD5 is what catches it.
+    emu.set_declare_crc64(false);
     let target = tempfile::tempdir().unwrap();
     let out = run(populate(&emu, "sum", target.path(), &[]));
     assert_eq!(out.status.code(), Some(2), "a permanent failure exits 2");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad") && err.contains("checksum mismatch"),
+        err.contains("bad") && err.contains("checksum mismatch") && err.contains("MD5"),
         "{err}"
     );
     assert!(
@@ -266,6 +268,92 @@ fn checksum_mismatch_is_detected_and_names_the_file() {
         "a corrupt file must not look complete"
     );
     assert!(!target.path().join("bad.fillfs-part").exists());
+}
+
+#[test]
+fn every_file_is_checked_by_the_declared_crc64_multipart_included() {
+    let emu = emulator();
+    let files = put_tree(&emu, "crc", 10);
+    let empty = files.iter().filter(|f| f.2 == 0).count();
+    let target = tempfile::tempdir().unwrap();
+    let out = run(populate(&emu, "crc", target.path(), &["--jobs", "8"]));
+    assert!(out.status.success());
+    check_tree(target.path(), &files);
+    // The emulator declares x-oss-hash-crc64ecma as OSS does; an empty file needs no GET,
+    // so its single-part ETag (the MD5 of nothing) is what checks it.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "checked: {} by CRC-64, {empty} by MD5",
+            files.len() - empty
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_corrupt_range_of_a_large_file_is_caught_without_verify() {
+    // 20 MiB: three 8 MiB ranges, so no single GET carries the whole file and the
+    // ETag MD5 cannot be checked from memory; the combined range CRCs catch it.
+    let emu = emulator();
+    emu.put_object(
+        BUCKET,
+        "big/ok",
+        Bytes::from(pattern(5, 0, 20 * MIB as usize)),
+    );
+    emu.put_object(
+        BUCKET,
+        "big/bad",
+        Bytes::from(pattern(6, 0, 20 * MIB as usize)),
+    );
+    emu.corrupt_key(BUCKET, "big/bad");
+    let target = tempfile::tempdir().unwrap();
+    let out = run(populate(&emu, "big", target.path(), &[]));
+    assert_eq!(out.status.code(), Some(2), "a permanent failure exits 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad") && err.contains("checksum mismatch") && err.contains("CRC-64"),
+        "{err}"
+    );
+    assert!(!target.path().join("bad").exists());
+    assert!(!target.path().join("bad.fillfs-part").exists());
+    // Fetched twice (the retry), every range of it.
+    assert!(emu.stats().get_bytes >= 2 * 20 * MIB, "{:?}", emu.stats());
+}
+
+#[test]
+fn oss_source_unsigned_against_a_public_read_bucket() {
+    let emu = emulator();
+    let files = put_tree(&emu, "oss", 10);
+    let target = tempfile::tempdir().unwrap();
+    let oss = |target: &Path| {
+        let mut cmd = fillfs();
+        cmd.arg("populate")
+            .arg(format!("oss://{BUCKET}/oss"))
+            .arg(target)
+            .args(["--endpoint", &emu.endpoint(), "--no-sign-request"])
+            .args(["--progress", "none", "--jobs", "8"])
+            // Must not be picked up: --no-sign-request means no credentials at all.
+            .env("ALIBABA_CLOUD_ACCESS_KEY_ID", "AKIDNOTUSED")
+            .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", "not-used");
+        cmd
+    };
+    // A private bucket refuses unsigned requests, before anything is written.
+    let out = run(oss(target.path()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("access denied") && err.contains("refuses unsigned requests"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(target.path()).unwrap().count(), 0);
+
+    emu.set_public_read(true);
+    let out = run(oss(target.path()));
+    assert!(out.status.success());
+    check_tree(target.path(), &files);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("by CRC-64"), "{err}");
 }
 
 #[test]
@@ -463,6 +551,21 @@ fn block_writes_one_object_raw_into_a_loop_device() {
         buf == pattern(77, 0, size as usize),
         "device content differs from the image"
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checked: 1 by CRC-64"), "{err}");
+
+    // A corrupted range of an image is caught by the CRC-64 the store declares.
+    emu.corrupt_key(BUCKET, "images/disk.img");
+    let out = run(populate(
+        &emu,
+        "images/disk.img",
+        Path::new(&dev.dev),
+        &["--block"],
+    ));
+    assert_eq!(out.status.code(), Some(2), "a permanent failure exits 2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("disk.img") && err.contains("CRC-64"), "{err}");
+    emu.clear_corrupt_keys();
 
     // An image larger than the device fails before writing, naming both sizes.
     emu.put_object(

@@ -12,7 +12,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::copy::{Fetcher, etag_md5, md5_file, split_ranges};
+use super::copy::{Fetcher, split_ranges};
+use super::integrity::{self, Checked, Expected, RangeCrcs};
 use super::progress::{self, Progress};
 use super::{PopulateOptions, Summary, iec};
 use crate::error::{Error, Result};
@@ -88,61 +89,65 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             (fetcher.clone(), file.clone(), key.clone(), progress.clone());
         tasks.spawn(async move {
             let start = r.start;
-            let data = fetcher.fetch(&key, r).await?;
+            let (data, declared) = fetcher.fetch(&key, r).await?;
             let n = data.len() as u64;
-            tokio::task::spawn_blocking(move || {
+            let crc = tokio::task::spawn_blocking(move || {
                 file.write_all_at(&data, start)?;
                 if early {
                     super::part_file::start_writeback(&file, start, n);
                 }
-                Ok::<_, std::io::Error>(())
+                Ok::<_, std::io::Error>(declared.map(|_| integrity::crc64(&data)))
             })
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;
             progress.bytes_done.fetch_add(n, Ordering::Relaxed);
-            Ok::<_, Error>(())
+            Ok::<_, Error>((start, n, crc, declared))
         });
     }
     let mut result = Ok(());
+    let mut crcs = RangeCrcs::default();
     while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r
+        match r
             .map_err(|e| Error::Io(std::io::Error::other(e)))
             .and_then(|r| r)
         {
-            tasks.abort_all();
-            result = Err(e);
+            Ok((start, n, crc, declared)) => crcs.add(start, n, crc.unwrap_or(0), declared),
+            Err(e) => {
+                tasks.abort_all();
+                result = Err(e);
+            }
         }
     }
     progress::finish_reporter(reporter, &progress, opts.progress);
     result?;
     file.sync_all()?;
+    let mut checked = crcs.check(&key)?;
+    let expected = Expected {
+        crc64: crcs.declared(),
+        md5: integrity::etag_md5(meta.etag.as_deref()),
+    };
     if opts.verify {
-        match etag_md5(meta.etag.as_deref()) {
-            Some(want) => {
-                let (path, len) = (target.clone(), meta.size);
-                let got = tokio::task::spawn_blocking(move || md5_file(&path, len))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-                if got != want {
-                    return Err(Error::ChecksumMismatch {
-                        path: key,
-                        expected: want,
-                        got,
-                    });
-                }
-            }
-            None => {
-                tracing::warn!(object = %key, "the store gives no single-part MD5 for this object; --verify checked sizes only")
-            }
+        let (path, len, name, exp) = (target.clone(), meta.size, key.clone(), expected.clone());
+        let reread =
+            tokio::task::spawn_blocking(move || integrity::verify_file(&path, len, &exp, &name))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        if reread != Checked::SizeOnly {
+            checked = reread;
         }
     }
+    if checked == Checked::SizeOnly {
+        tracing::warn!(object = %key, "the store declares no CRC-64 and no single-part MD5 (or --verify is off) for this object; only its size was checked");
+    }
     progress.files_done.fetch_add(1, Ordering::Relaxed);
+    progress.count_checked(checked);
     Ok(Summary {
         files: 1,
         bytes: progress.bytes_done.load(Ordering::Relaxed),
         resumed_files: 0,
         skipped_keys: 0,
         seconds: progress.elapsed().as_secs_f64(),
+        checked: progress.check_counts(),
     })
 }
 

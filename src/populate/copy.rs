@@ -4,21 +4,20 @@
 //! final name only once complete and checked. Two semaphores bound the work: `requests`
 //! (GETs in flight, `--jobs`) and `memory` (bytes fetched but not yet written).
 //!
-//! Integrity: every file's size; the MD5 of single-part ETags (for one-range files from the
-//! buffer, for larger ones with `--verify` by re-reading what was written); `--verify` also
-//! re-reads small files from disk. A mismatch is retried once, then the fill fails naming
-//! the file. It must not plan (see `plan.rs`) or report (see `progress.rs`).
+//! Integrity (see `integrity.rs`): every file's size; the CRC-64 the store declares (per
+//! range as it is written, combined); else the MD5 of a single-part ETag (one-range files
+//! from the buffer, larger ones with `--verify`, which re-reads what was written). A
+//! mismatch is retried once, then the fill fails naming the file. It must not plan (see
+//! `plan.rs`) or report (see `progress.rs`).
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use md5::{Digest, Md5};
 use tokio::sync::Semaphore;
 
+use super::integrity::{self, Checked, Expected, RangeCrcs};
 use super::journal::Journal;
 use super::part_file::{FileAttrs, PartFile};
 use super::plan::FileJob;
@@ -54,9 +53,14 @@ impl Fetcher {
         }
     }
 
-    /// One ranged GET. The returned bytes carry their memory permit (and, for a full
-    /// part, their reusable buffer) until dropped.
-    pub async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+    /// One ranged GET, with the CRC-64 the store declared for the whole object. The
+    /// returned bytes carry their memory permit (and, for a full part, their reusable
+    /// buffer) until dropped.
+    pub async fn fetch(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<(Bytes, Option<u64>)> {
         let len = range.end - range.start;
         let _request = self.requests.acquire().await.expect("semaphore open");
         let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
@@ -67,9 +71,9 @@ impl Fetcher {
             .await
             .expect("semaphore open");
         let buf = self.buffers.take(len as usize);
-        let data = self.store.read_range_into(key, range, buf).await?;
+        let (data, declared_crc64) = self.store.read_range_checked(key, range, buf).await;
         // The permit is released with the buffer, after the write.
-        Ok(self.buffers.into_bytes(data, permit))
+        Ok((self.buffers.into_bytes(data?, permit), declared_crc64))
     }
 }
 
@@ -93,48 +97,11 @@ pub struct Copier {
     pub journal: Arc<Journal>,
 }
 
-/// The MD5 an ETag stands for, when it is a single-part ETag (32 hex digits, no `-N`).
-pub fn etag_md5(etag: Option<&str>) -> Option<String> {
-    let e = etag?.trim_matches('"');
-    (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
-}
-
-pub fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// MD5 of the first `len` bytes of `path` (a file, or a block device holding an image).
-pub fn md5_file(path: &Path, len: u64) -> std::io::Result<String> {
-    let mut f = File::open(path)?.take(len);
-    let mut h = Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex(&h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
-}
-
 /// Runs blocking file I/O on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
-}
-
-fn check_md5(job: &FileJob, want: Option<&String>, got: impl FnOnce() -> String) -> Result<()> {
-    let Some(want) = want else { return Ok(()) };
-    let got = got();
-    if &got != want {
-        return Err(Error::ChecksumMismatch {
-            path: job.key.clone(),
-            expected: want.clone(),
-            got,
-        });
-    }
-    Ok(())
 }
 
 impl Copier {
@@ -144,14 +111,14 @@ impl Copier {
         let final_path = self.target.join(&job.rel);
         let wrap = |e: Error| Error::Copy {
             path: job.rel.display().to_string(),
-            source: Box::new(e),
+            cause: Box::new(e),
         };
         let mut result = self.clone().try_copy(&job, &final_path).await;
         if let Err(Error::ChecksumMismatch { expected, got, .. }) = &result {
             tracing::warn!(file = %job.rel.display(), %expected, %got, "checksum mismatch, fetching the file again");
             result = self.clone().try_copy(&job, &final_path).await;
         }
-        let part = result.map_err(wrap)?;
+        let (part, checked) = result.map_err(wrap)?;
         // Mode, owner, mtime; then the rename that makes the file look complete; then the
         // journal line.
         let attrs = FileAttrs {
@@ -168,21 +135,37 @@ impl Copier {
         .await
         .map_err(wrap)?;
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        self.progress.count_checked(checked);
         Ok(())
     }
 
     /// Fetches and writes the whole object into its part file and checks it; on any error
     /// the part file is removed.
-    async fn try_copy(self: Arc<Self>, job: &Arc<FileJob>, final_path: &Path) -> Result<PartFile> {
-        let expected_md5 = etag_md5(job.etag.as_deref());
+    async fn try_copy(
+        self: Arc<Self>,
+        job: &Arc<FileJob>,
+        final_path: &Path,
+    ) -> Result<(PartFile, Checked)> {
+        let mut expected = Expected {
+            crc64: None,
+            md5: integrity::etag_md5(job.etag.as_deref()),
+        };
         let written = std::sync::atomic::AtomicU64::new(0);
         let ew = self.early_writeback;
         let mut part: Option<Arc<PartFile>> = None;
-        let result: Result<()> = async {
+        let result: Result<Checked> = async {
+            let mut checked = Checked::SizeOnly;
             if job.size <= self.part_size {
                 // One GET, checked from memory, then create + write in one blocking hop.
-                let data = self.fetcher.fetch(&job.key, 0..job.size).await?;
-                check_md5(job, expected_md5.as_ref(), || hex(&Md5::digest(&data)))?;
+                let (data, declared) = self.fetcher.fetch(&job.key, 0..job.size).await?;
+                expected.crc64 = declared;
+                if let Some(want) = declared {
+                    integrity::check_crc64(&job.key, want, integrity::crc64(&data))?;
+                    checked = Checked::Crc64;
+                } else if let Some(want) = &expected.md5 {
+                    integrity::check_md5(&job.key, want, &integrity::md5(&data))?;
+                    checked = Checked::Md5;
+                }
                 let (path, n) = (final_path.to_path_buf(), data.len() as u64);
                 let p = blocking(move || {
                     let p = PartFile::create(&path, n, false, ew)?;
@@ -204,16 +187,27 @@ impl Copier {
                     let (me, p, job) = (self.clone(), p.clone(), job.clone());
                     tasks.spawn(async move {
                         let start = r.start;
-                        let data = me.fetcher.fetch(&job.key, r).await?;
+                        let (data, declared) = me.fetcher.fetch(&job.key, r).await?;
                         let n = data.len() as u64;
-                        blocking(move || Ok(p.write_at(&data, start)?)).await?;
-                        Ok::<u64, Error>(n)
+                        // The range's CRC is taken in the same hop as its write, off the
+                        // runtime, and only when there is something to compare it with.
+                        let crc = blocking(move || {
+                            p.write_at(&data, start)?;
+                            Ok(declared.map(|_| integrity::crc64(&data)))
+                        })
+                        .await?;
+                        Ok::<_, Error>((start, n, crc, declared))
                     });
                 }
+                let mut crcs = RangeCrcs::default();
                 while let Some(res) = tasks.join_next().await {
-                    let n = res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    let (start, n, crc, declared) =
+                        res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    crcs.add(start, n, crc.unwrap_or(0), declared);
                     self.wrote(&written, n);
                 }
+                expected.crc64 = crcs.declared();
+                checked = crcs.check(&job.key)?;
             }
             let p = part.as_ref().expect("created").clone();
             let on_disk = blocking(move || Ok(p.len_on_disk()?)).await?;
@@ -227,15 +221,20 @@ impl Copier {
             }
             if self.verify {
                 let path = part.as_ref().expect("created").path().to_path_buf();
-                let len = job.size;
-                let got = blocking(move || Ok(md5_file(&path, len)?)).await?;
-                check_md5(job, expected_md5.as_ref(), || got)?;
+                let (len, key, expected) = (job.size, job.key.clone(), expected.clone());
+                let reread =
+                    blocking(move || integrity::verify_file(&path, len, &expected, &key)).await?;
+                if reread != Checked::SizeOnly {
+                    checked = reread;
+                }
             }
-            Ok(())
+            Ok(checked)
         }
         .await;
         match (result, part) {
-            (Ok(()), Some(p)) => Ok(Arc::try_unwrap(p).expect("all writes finished")),
+            (Ok(checked), Some(p)) => {
+                Ok((Arc::try_unwrap(p).expect("all writes finished"), checked))
+            }
             (result, part) => {
                 self.progress
                     .bytes_done

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod copy;
+pub mod integrity;
 pub mod journal;
 pub mod part_file;
 pub mod plan;
@@ -75,6 +76,8 @@ pub struct Summary {
     pub resumed_files: u64,
     pub skipped_keys: usize,
     pub seconds: f64,
+    /// How the copied files' contents were checked.
+    pub checked: progress::CheckCounts,
 }
 
 impl Summary {
@@ -248,6 +251,7 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
         resumed_files: resumed,
         skipped_keys: plan.rejected.len(),
         seconds: progress.elapsed().as_secs_f64(),
+        checked: progress.check_counts(),
     };
     Ok(summary)
 }

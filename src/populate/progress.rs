@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::integrity::Checked;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProgressMode {
     /// `bar` when stderr is a terminal, else `none`.
@@ -16,12 +18,43 @@ pub enum ProgressMode {
     None,
 }
 
+/// Finished files by how their content was checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckCounts {
+    pub crc64: u64,
+    pub md5: u64,
+    pub size_only: u64,
+}
+
+impl std::fmt::Display for CheckCounts {
+    /// `checked: 3 by CRC-64, 1 by MD5, 2 by size only` (zero counts left out).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            (self.crc64, "by CRC-64"),
+            (self.md5, "by MD5"),
+            (self.size_only, "by size only"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, how)| format!("{n} {how}"))
+        .collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        write!(f, "checked: {}", parts.join(", "))
+    }
+}
+
 #[derive(Debug)]
 pub struct Progress {
     pub bytes_total: u64,
     pub files_total: u64,
     pub bytes_done: AtomicU64,
     pub files_done: AtomicU64,
+    /// Finished files by how their content was checked (see `integrity.rs`).
+    pub checked_crc64: AtomicU64,
+    pub checked_md5: AtomicU64,
+    pub checked_size_only: AtomicU64,
     started: Instant,
 }
 
@@ -32,8 +65,28 @@ impl Progress {
             files_total,
             bytes_done: AtomicU64::new(0),
             files_done: AtomicU64::new(0),
+            checked_crc64: AtomicU64::new(0),
+            checked_md5: AtomicU64::new(0),
+            checked_size_only: AtomicU64::new(0),
             started: Instant::now(),
         }
+    }
+
+    pub fn check_counts(&self) -> CheckCounts {
+        CheckCounts {
+            crc64: self.checked_crc64.load(Ordering::Relaxed),
+            md5: self.checked_md5.load(Ordering::Relaxed),
+            size_only: self.checked_size_only.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn count_checked(&self, how: Checked) {
+        match how {
+            Checked::Crc64 => &self.checked_crc64,
+            Checked::Md5 => &self.checked_md5,
+            Checked::SizeOnly => &self.checked_size_only,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn elapsed(&self) -> Duration {

@@ -13,6 +13,7 @@
 
 pub mod credentials;
 pub mod operator;
+pub mod response;
 pub mod url;
 
 use std::ops::Range;
@@ -179,6 +180,9 @@ impl Store {
             ErrorKind::PermissionDenied => Error::AccessDenied {
                 what: format!("{} at {}", self.source, self.endpoint),
                 hint: match self.source.scheme {
+                    _ if &*self.principal == "anonymous" => {
+                        "the bucket refuses unsigned requests; give credentials".into()
+                    }
                     Scheme::Oss => "ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET or RRSA".into(),
                     _ => "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into(),
                 },
@@ -290,6 +294,26 @@ impl Store {
     /// [`read_range`](Self::read_range) into a buffer the caller provides (cleared first),
     /// so a caller can reuse its buffers.
     pub async fn read_range_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        out: BytesMut,
+    ) -> Result<BytesMut> {
+        self.read_range_checked(key, range, out).await.0
+    }
+
+    /// [`read_range_into`](Self::read_range_into), also returning the CRC-64 the store
+    /// declared for the whole object in the response (OSS and COS do; see `response.rs`).
+    pub async fn read_range_checked(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        out: BytesMut,
+    ) -> (Result<BytesMut>, Option<u64>) {
+        response::with_object_crc64(self.read_range_inner(key, range, out)).await
+    }
+
+    async fn read_range_inner(
         &self,
         key: &str,
         range: Range<u64>,

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use opendal::Operator;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::services::{Fs, Oss, S3};
+use opendal::{HttpTransporter, Operator};
 
+use super::response::HeaderTap;
 use super::{Scheme, StoreConfig};
 use crate::error::{Error, Result};
 
@@ -76,6 +77,10 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
                 .bucket(&src.bucket)
                 .root(&root(&src.prefix))
                 .endpoint(&endpoint);
+            if is_ip_or_localhost(&endpoint) {
+                // Virtual-host style (`bucket.127.0.0.1`) cannot work without DNS.
+                b = b.addressing_style("path");
+            }
             let c = &cfg.credentials;
             if let (Some(id), Some(secret)) = (&c.access_key_id, &c.secret_access_key) {
                 b = b
@@ -96,6 +101,16 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
             }
             (Operator::new(b)?, endpoint)
         }
+    };
+    // Read the CRC-64 headers of GET responses (see `response.rs`).
+    let base = if src.scheme == Scheme::File {
+        base
+    } else {
+        let ctx = base.context().clone();
+        let tap = HeaderTap {
+            inner: ctx.http_transport().clone(),
+        };
+        base.with_context(ctx.with_http_transport(HttpTransporter::new(tap)))
     };
     let timeouts = TimeoutLayer::new()
         .with_timeout(Duration::from_secs(60))
@@ -126,5 +141,27 @@ fn with_scheme(endpoint: &str) -> String {
         endpoint.to_string()
     } else {
         format!("https://{endpoint}")
+    }
+}
+
+/// Whether the endpoint's host is an IP address or `localhost`.
+fn is_ip_or_localhost(endpoint: &str) -> bool {
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_endpoints_are_recognised() {
+        assert!(is_ip_or_localhost("http://127.0.0.1:9000"));
+        assert!(is_ip_or_localhost("http://[::1]:9000"));
+        assert!(is_ip_or_localhost("https://localhost"));
+        assert!(!is_ip_or_localhost("https://oss-cn-hangzhou.aliyuncs.com"));
     }
 }

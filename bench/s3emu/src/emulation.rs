@@ -145,6 +145,8 @@ pub struct Knobs {
     fail_next_gets: AtomicU64,
     any_corrupt_keys: AtomicBool,
     corrupt_keys: RwLock<HashSet<(String, String)>>,
+    public_read: AtomicBool,
+    declare_crc64: AtomicBool,
 }
 
 impl Knobs {
@@ -158,6 +160,8 @@ impl Knobs {
             fail_next_gets: AtomicU64::new(0),
             any_corrupt_keys: AtomicBool::new(false),
             corrupt_keys: RwLock::new(HashSet::new()),
+            public_read: AtomicBool::new(false),
+            declare_crc64: AtomicBool::new(true),
         };
         k.set_latency(latency);
         k.set_bandwidth(bandwidth);
@@ -228,6 +232,24 @@ impl Knobs {
         let mut set = self.corrupt_keys.write().unwrap();
         set.clear();
         self.any_corrupt_keys.store(false, Relaxed);
+    }
+
+    /// Whether unsigned GET and HEAD requests (reads and listings) are served.
+    pub fn public_read(&self) -> bool {
+        self.public_read.load(Relaxed)
+    }
+
+    pub fn set_public_read(&self, on: bool) {
+        self.public_read.store(on, Relaxed);
+    }
+
+    /// Whether GET and HEAD responses carry `x-oss-hash-crc64ecma` (as OSS) or not (as S3).
+    pub fn declare_crc64(&self) -> bool {
+        self.declare_crc64.load(Relaxed)
+    }
+
+    pub fn set_declare_crc64(&self, on: bool) {
+        self.declare_crc64.store(on, Relaxed);
     }
 
     pub fn is_corrupt_key(&self, bucket: &str, key: &str) -> bool {

@@ -243,6 +243,18 @@ impl Emulator {
         self.shared.knobs.clear_corrupt_keys();
     }
 
+    /// Send the whole object's CRC-64 as `x-oss-hash-crc64ecma` on GET and HEAD, as OSS
+    /// does (on by default), or not, as S3 does not.
+    pub fn set_declare_crc64(&self, on: bool) {
+        self.shared.knobs.set_declare_crc64(on);
+    }
+
+    /// Serve unsigned reads (GET and HEAD: objects and listings), as a public-read bucket
+    /// does; writes still need a signature. Off by default.
+    pub fn set_public_read(&self, on: bool) {
+        self.shared.knobs.set_public_read(on);
+    }
+
     /// Stop serving and join the server thread (same as dropping).
     pub fn shutdown(self) {
         drop(self);

@@ -45,6 +45,12 @@ struct Args {
     /// Seed for the fault RNG.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Serve unsigned reads (GET/HEAD), as a public-read bucket does.
+    #[arg(long)]
+    public_read: bool,
+    /// Leave out `x-oss-hash-crc64ecma` (answer as S3 does, not as OSS).
+    #[arg(long)]
+    no_crc64: bool,
     /// Bucket to create at start (repeatable).
     #[arg(long = "bucket", value_name = "NAME")]
     buckets: Vec<String>,
@@ -115,6 +121,8 @@ fn main() -> anyhow::Result<()> {
         per_connection_bandwidth: bandwidth,
         seed: args.seed,
     })?;
+    emu.set_public_read(args.public_read);
+    emu.set_declare_crc64(!args.no_crc64);
     emu.set_faults(Faults {
         error_rate: args.error_rate,
         reset_rate: args.reset_rate,

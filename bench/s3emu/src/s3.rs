@@ -56,6 +56,18 @@ fn etag_dto(quoted: &str) -> ETag {
     ETag::Strong(store::unquote(quoted).to_owned())
 }
 
+/// The OSS header with the whole object's CRC-64 (decimal), which OSS sends on GET (ranged
+/// too) and HEAD, also on its S3-compatible endpoint.
+pub const CRC64_HEADER: &str = "x-oss-hash-crc64ecma";
+
+fn with_crc64<T>(mut resp: S3Response<T>, obj: &Object, knobs: &Knobs) -> S3Response<T> {
+    if knobs.declare_crc64() {
+        resp.headers
+            .insert(CRC64_HEADER, http::HeaderValue::from(obj.crc64));
+    }
+    resp
+}
+
 fn owner() -> Owner {
     Owner {
         display_name: Some(OWNER_NAME.to_owned()),
@@ -536,7 +548,7 @@ impl S3 for Emu {
             parts_count: sel.parts_count,
             ..Default::default()
         };
-        Ok(S3Response::new(output))
+        Ok(with_crc64(S3Response::new(output), &obj, &s.knobs))
     }
 
     async fn head_object(
@@ -557,7 +569,7 @@ impl S3 for Emu {
         )?;
         let sel = select(&obj, input.range.as_ref(), input.part_number)?;
         let len = sel.range.end - sel.range.start;
-        Ok(S3Response::new(HeadObjectOutput {
+        let resp = S3Response::new(HeadObjectOutput {
             accept_ranges: Some("bytes".to_owned()),
             content_length: Some(i64::try_from(len).unwrap_or(i64::MAX)),
             content_range: sel.content_range,
@@ -571,7 +583,8 @@ impl S3 for Emu {
             metadata: obj.metadata.clone(),
             parts_count: sel.parts_count,
             ..Default::default()
-        }))
+        });
+        Ok(with_crc64(resp, &obj, &s.knobs))
     }
 
     async fn delete_object(

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::{S3Auth, SecretKey, SimpleAuth};
 use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::{HttpError, HttpResponse, S3Result, s3_error};
@@ -37,11 +38,27 @@ impl S3Auth for EmuAuth {
     }
 }
 
+/// Signed requests pass; unsigned ones only for reads when the public-read knob is on.
+struct EmuAccess(Arc<Shared>);
+
+#[async_trait::async_trait]
+impl S3Access for EmuAccess {
+    async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        if cx.credentials().is_some()
+            || (self.0.knobs.public_read() && matches!(*cx.method(), Method::GET | Method::HEAD))
+        {
+            return Ok(());
+        }
+        Err(s3_error!(AccessDenied, "Anonymous access is not allowed"))
+    }
+}
+
 pub fn build_service(shared: Arc<Shared>, access_key: &str, secret_key: &str) -> Front {
     let mut builder = S3ServiceBuilder::new(Emu {
         shared: Arc::clone(&shared),
     });
     builder.set_auth(EmuAuth(SimpleAuth::from_single(access_key, secret_key)));
+    builder.set_access(EmuAccess(Arc::clone(&shared)));
     Front {
         inner: builder.build(),
         shared,

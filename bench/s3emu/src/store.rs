@@ -32,6 +32,9 @@ pub struct Object {
     pub metadata: Option<HashMap<String, String>>,
     /// Part sizes, for objects created by CompleteMultipartUpload.
     pub part_sizes: Option<Vec<u64>>,
+    /// CRC-64/XZ (what OSS calls crc64ecma) of `data`, sent as `x-oss-hash-crc64ecma` on
+    /// GET and HEAD as OSS does (for a ranged GET too: the whole object's value).
+    pub crc64: u64,
 }
 
 impl Object {
@@ -53,6 +56,7 @@ impl Object {
         metadata: Option<HashMap<String, String>>,
     ) -> Self {
         Self {
+            crc64: crc64_of(&data),
             data,
             etag: quote(&hex::encode(md5)),
             last_modified: now(),
@@ -150,6 +154,11 @@ pub struct ListPage {
 pub struct Store {
     buckets: RwLock<HashMap<String, Bucket>>,
     uploads: Mutex<HashMap<String, Upload>>,
+}
+
+/// CRC-64/XZ, the ECMA-182 polynomial as OSS and COS compute it.
+pub fn crc64_of(data: &[u8]) -> u64 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, data)
 }
 
 pub fn md5_of(data: &[u8]) -> [u8; 16] {
@@ -555,6 +564,7 @@ impl Store {
         }
         let etag = quote(&format!("{}-{}", hex::encode(md5_of(&md5s)), chosen.len()));
         let obj = Object {
+            crc64: crc64_of(&data),
             data,
             etag,
             last_modified: now(),

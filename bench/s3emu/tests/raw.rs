@@ -814,3 +814,62 @@ fn reset_truncates_body() {
     assert_eq!(s.injected_resets, 1);
     assert!(s.get_bytes < 2 * 1024 * 1024);
 }
+
+#[test]
+fn crc64_header_on_get_ranged_get_and_head_as_oss_sends_it() {
+    let (emu, c) = start();
+    // The CRC-64/XZ check value: OSS's x-oss-hash-crc64ecma of "123456789".
+    let want = 0x995d_c9bb_df19_39fa_u64.to_string();
+    emu.put_object(BUCKET, "c", Bytes::from_static(b"123456789"));
+    run(async {
+        let r = c.get("/raw-bucket/c", &[]).await;
+        assert_eq!(r.header("x-oss-hash-crc64ecma"), Some(want.as_str()));
+        let r = c
+            .send(
+                Method::GET,
+                "/raw-bucket/c",
+                &[],
+                &[("range", "bytes=2-4")],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (206, "345"));
+        assert_eq!(
+            r.header("x-oss-hash-crc64ecma"),
+            Some(want.as_str()),
+            "a ranged GET declares the whole object's CRC"
+        );
+        let r = c
+            .send(Method::HEAD, "/raw-bucket/c", &[], &[], Bytes::new())
+            .await;
+        assert_eq!(r.header("x-oss-hash-crc64ecma"), Some(want.as_str()));
+        emu.set_declare_crc64(false);
+        let r = c.get("/raw-bucket/c", &[]).await;
+        assert_eq!(r.header("x-oss-hash-crc64ecma"), None, "as S3: no header");
+    });
+}
+
+#[test]
+fn public_read_serves_unsigned_reads_only() {
+    let (emu, _c) = start();
+    emu.put_object(BUCKET, "p", Bytes::from_static(b"public"));
+    let url = format!("{}/{BUCKET}/p", emu.endpoint());
+    run(async {
+        let http = reqwest::Client::new();
+        let get = |u: String| {
+            let http = http.clone();
+            async move { http.get(u).send().await.unwrap().status().as_u16() }
+        };
+        assert_eq!(get(url.clone()).await, 403, "private by default");
+        emu.set_public_read(true);
+        assert_eq!(get(url.clone()).await, 200);
+        let list = format!("{}/{BUCKET}?list-type=2", emu.endpoint());
+        assert_eq!(get(list).await, 200);
+        let put = http.put(&url).body("x").send().await.unwrap();
+        assert_eq!(put.status().as_u16(), 403, "writes still need a signature");
+        assert_eq!(
+            emu.object(BUCKET, "p").unwrap(),
+            Bytes::from_static(b"public")
+        );
+    });
+}
