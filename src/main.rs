@@ -307,9 +307,13 @@ fn init_logging() {
 }
 
 fn main() {
-    pin_large_allocations_to_mmap();
     raise_open_file_limit();
     let cli = Cli::parse();
+    // Only the block cache allocates multi-megabyte buffers; a fill holds the network's
+    // own chunks, which glibc's arenas recycle without faulting pages in again.
+    if !matches!(cli.command, Command::Populate(_)) {
+        pin_large_allocations_to_mmap();
+    }
     init_logging();
     let result = match cli.command {
         Command::Mount(args) => mount(args),
@@ -539,7 +543,8 @@ fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
 /// let RSS drift far above `--cache-size`. A fixed threshold keeps every block in its own
 /// mapping, returned to the kernel when the block is dropped.
 fn pin_large_allocations_to_mmap() {
-    // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
+    // SAFETY: mallopt only changes allocator parameters; called before any thread exists
+    // (argument parsing starts none).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }

@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     }
     tracing::info!(object = %key, size = %iec(meta.size), target = %target.display(), device = is_device, "writing image");
     let file = Arc::new(file);
-    let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory, opts.part_size));
+    let fetcher = Arc::new(Fetcher::new(store, opts.jobs, opts.memory));
     let progress = Arc::new(Progress::new(meta.size, 1));
     let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
     let early = opts.early_writeback;
@@ -89,14 +89,14 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             (fetcher.clone(), file.clone(), key.clone(), progress.clone());
         tasks.spawn(async move {
             let start = r.start;
-            let (data, declared) = fetcher.fetch(&key, r).await?;
-            let n = data.len() as u64;
-            let crc = tokio::task::spawn_blocking(move || {
-                file.write_all_at(&data, start)?;
+            let f = fetcher.fetch(&key, r).await?;
+            let (n, crc, declared) = (f.data.len, f.data.crc64, f.data.declared_crc64);
+            tokio::task::spawn_blocking(move || {
+                super::part_file::write_all_vectored_at(&file, &f.data.chunks, start)?;
                 if early {
                     super::part_file::start_writeback(&file, start, n);
                 }
-                Ok::<_, std::io::Error>(declared.map(|_| integrity::crc64(&data)))
+                Ok::<_, std::io::Error>(())
             })
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))??;

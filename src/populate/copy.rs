@@ -14,17 +14,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::integrity::{self, Checked, Expected, RangeCrcs};
 use super::journal::Journal;
 use super::part_file::{FileAttrs, PartFile};
 use super::plan::FileJob;
 use super::progress::Progress;
-use crate::buffers::BufferPool;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{RangeChunks, Store};
 
 /// Semaphore unit for the memory budget.
 const KIB: u64 = 1024;
@@ -34,33 +32,28 @@ pub struct Fetcher {
     pub store: Store,
     pub requests: Semaphore,
     pub memory: Arc<Semaphore>,
-    buffers: Arc<BufferPool>,
+}
+
+/// One fetched range: the chunks as the network delivered them (never copied into one
+/// buffer) and the memory permit they hold until dropped, after their write.
+pub struct Fetched {
+    pub data: RangeChunks,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Fetcher {
-    /// `part_size`: the range size whose buffers are kept for reuse.
-    pub fn new(store: Store, jobs: usize, memory: u64, part_size: u64) -> Self {
+    pub fn new(store: Store, jobs: usize, memory: u64) -> Self {
         let units = (memory / KIB).min(Semaphore::MAX_PERMITS as u64) as usize;
         Fetcher {
             store,
             requests: Semaphore::new(jobs),
             memory: Arc::new(Semaphore::new(units)),
-            // Never more buffers than the memory budget has in flight at once.
-            buffers: BufferPool::new(
-                part_size as usize,
-                (memory / part_size.max(1)).max(1) as usize,
-            ),
         }
     }
 
-    /// One ranged GET, with the CRC-64 the store declared for the whole object. The
-    /// returned bytes carry their memory permit (and, for a full part, their reusable
-    /// buffer) until dropped.
-    pub async fn fetch(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<(Bytes, Option<u64>)> {
+    /// One ranged GET, with the CRC-64 the store declared for the whole object and, then,
+    /// the CRC-64 of the range.
+    pub async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Fetched> {
         let len = range.end - range.start;
         let _request = self.requests.acquire().await.expect("semaphore open");
         let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
@@ -70,10 +63,11 @@ impl Fetcher {
             .acquire_many_owned(units)
             .await
             .expect("semaphore open");
-        let buf = self.buffers.take(len as usize);
-        let (data, declared_crc64) = self.store.read_range_checked(key, range, buf).await;
-        // The permit is released with the buffer, after the write.
-        Ok((self.buffers.into_bytes(data?, permit), declared_crc64))
+        let data = self.store.read_range_chunks(key, range).await?;
+        Ok(Fetched {
+            data,
+            _permit: permit,
+        })
     }
 }
 
@@ -157,19 +151,19 @@ impl Copier {
             let mut checked = Checked::SizeOnly;
             if job.size <= self.part_size {
                 // One GET, checked from memory, then create + write in one blocking hop.
-                let (data, declared) = self.fetcher.fetch(&job.key, 0..job.size).await?;
-                expected.crc64 = declared;
-                if let Some(want) = declared {
-                    integrity::check_crc64(&job.key, want, integrity::crc64(&data))?;
+                let f = self.fetcher.fetch(&job.key, 0..job.size).await?;
+                expected.crc64 = f.data.declared_crc64;
+                if let (Some(want), Some(got)) = (f.data.declared_crc64, f.data.crc64) {
+                    integrity::check_crc64(&job.key, want, got)?;
                     checked = Checked::Crc64;
                 } else if let Some(want) = &expected.md5 {
-                    integrity::check_md5(&job.key, want, &integrity::md5(&data))?;
+                    integrity::check_md5(&job.key, want, &integrity::md5(&f.data.chunks))?;
                     checked = Checked::Md5;
                 }
-                let (path, n) = (final_path.to_path_buf(), data.len() as u64);
+                let (path, n) = (final_path.to_path_buf(), f.data.len);
                 let p = blocking(move || {
                     let p = PartFile::create(&path, n, false, ew)?;
-                    if let Err(e) = p.write_at(&data, 0) {
+                    if let Err(e) = p.write_chunks_at(&f.data.chunks, 0) {
                         p.discard();
                         return Err(e.into());
                     }
@@ -187,15 +181,10 @@ impl Copier {
                     let (me, p, job) = (self.clone(), p.clone(), job.clone());
                     tasks.spawn(async move {
                         let start = r.start;
-                        let (data, declared) = me.fetcher.fetch(&job.key, r).await?;
-                        let n = data.len() as u64;
-                        // The range's CRC is taken in the same hop as its write, off the
-                        // runtime, and only when there is something to compare it with.
-                        let crc = blocking(move || {
-                            p.write_at(&data, start)?;
-                            Ok(declared.map(|_| integrity::crc64(&data)))
-                        })
-                        .await?;
+                        let f = me.fetcher.fetch(&job.key, r).await?;
+                        let d = &f.data;
+                        let (n, crc, declared) = (d.len, d.crc64, d.declared_crc64);
+                        blocking(move || Ok(p.write_chunks_at(&f.data.chunks, start)?)).await?;
                         Ok::<_, Error>((start, n, crc, declared))
                     });
                 }

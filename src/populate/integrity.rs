@@ -53,11 +53,15 @@ pub fn crc64(data: &[u8]) -> u64 {
     crc_fast::checksum(CRC64, data)
 }
 
-pub fn md5(data: &[u8]) -> String {
-    hex(&Md5::digest(data))
+/// MD5 of chunks taken back to back.
+pub fn md5(chunks: &[bytes::Bytes]) -> String {
+    let mut h = Md5::new();
+    chunks.iter().for_each(|c| h.update(c));
+    hex(&h.finalize())
 }
 
-/// CRC-64s of the ranges of one object, combined into the whole object's.
+/// CRC-64s of the ranges of one object (taken by the store as chunks arrive), combined
+/// into the whole object's.
 #[derive(Debug, Default)]
 pub struct RangeCrcs {
     /// (offset, length, CRC-64 of those bytes)
@@ -209,7 +213,10 @@ mod tests {
         std::fs::write(&p, b"hello world!trailing").unwrap();
         let good = Expected {
             crc64: Some(crc64(b"hello world!")),
-            md5: Some(md5(b"hello world!")),
+            md5: Some(md5(&[
+                bytes::Bytes::from_static(b"hello "),
+                bytes::Bytes::from_static(b"world!"),
+            ])),
         };
         assert_eq!(verify_file(&p, 12, &good, "f").unwrap(), Checked::Crc64);
         let md5_only = Expected {

@@ -213,7 +213,7 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     let todo_bytes: u64 = todo.iter().map(|f| f.size).sum();
     let progress = Arc::new(progress::Progress::new(todo_bytes, todo.len() as u64));
     let copier = Arc::new(copy::Copier {
-        fetcher: copy::Fetcher::new(store.clone(), opts.jobs, opts.memory, opts.part_size),
+        fetcher: copy::Fetcher::new(store.clone(), opts.jobs, opts.memory),
         target: target.clone(),
         part_size: opts.part_size,
         verify: opts.verify,

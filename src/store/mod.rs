@@ -79,6 +79,17 @@ pub enum Listed {
     Dir { name: String },
 }
 
+/// One range as the network delivered it.
+#[derive(Debug, Default)]
+pub struct RangeChunks {
+    pub chunks: Vec<Bytes>,
+    pub len: u64,
+    /// CRC-64/XZ of these bytes, taken only when the response declared one.
+    pub crc64: Option<u64>,
+    /// The CRC-64 the response declared for the whole object.
+    pub declared_crc64: Option<u64>,
+}
+
 /// Counters of what the store was asked for and what it delivered.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -320,33 +331,88 @@ impl Store {
         mut out: BytesMut,
     ) -> Result<BytesMut> {
         out.clear();
+        out.reserve((range.end - range.start) as usize);
+        self.read_each(key, range, |chunk| out.extend_from_slice(&chunk))
+            .await?;
+        Ok(out)
+    }
+
+    /// Reads `range` of `key` as the chunks the network delivered, without copying them
+    /// into one buffer (a copier writes them with one `pwritev`). When the response
+    /// declares the object's CRC-64, the CRC of these bytes is taken chunk by chunk as
+    /// they arrive, while they are still in the CPU's cache.
+    pub async fn read_range_chunks(&self, key: &str, range: Range<u64>) -> Result<RangeChunks> {
+        let mut chunks = Vec::new();
+        let mut crc: Option<crc_fast::Digest> = None;
+        let (res, declared) = response::with_object_crc64(async {
+            self.read_each(key, range.clone(), |chunk| {
+                // The headers came before the first chunk: the slot is final by now.
+                if crc.is_none() && response::declared_so_far().is_some() {
+                    crc = Some(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz));
+                }
+                if let Some(d) = crc.as_mut() {
+                    d.update(&chunk);
+                }
+                chunks.push(chunk);
+            })
+            .await
+        })
+        .await;
+        res?;
+        let crc64 = match (declared, crc) {
+            (None, _) => None,
+            (Some(_), Some(d)) => Some(d.finalize()),
+            // Declared only by a retried response that resumed the body: take it now.
+            (Some(_), None) => {
+                let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
+                chunks.iter().for_each(|c| d.update(c));
+                Some(d.finalize())
+            }
+        };
+        Ok(RangeChunks {
+            len: range.end - range.start,
+            chunks,
+            crc64,
+            declared_crc64: declared,
+        })
+    }
+
+    /// One ranged GET, each chunk paid to the limiters and handed to `sink` as it arrives;
+    /// fails unless exactly the range's length arrived.
+    async fn read_each(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        mut sink: impl FnMut(Bytes),
+    ) -> Result<()> {
         let want = range.end - range.start;
         if want == 0 {
-            return Ok(out);
+            return Ok(());
         }
-        out.reserve(want as usize);
         self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
         let reader = self.op.reader_with(key).await?;
         let mut stream = reader.into_stream(range.clone()).await?;
+        let mut got = 0u64;
         while let Some(buf) = stream.try_next().await? {
             let n = buf.len() as u64;
             for limiter in self.limiters.iter() {
                 limiter.acquire(n).await;
             }
             self.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            got += n;
             for chunk in buf {
-                out.extend_from_slice(&chunk);
+                sink(chunk);
             }
         }
-        if out.len() as u64 != want {
+        if got != want {
             return Err(Error::ShortRead {
                 key: key.to_string(),
                 offset: range.start,
                 expected: want,
-                got: out.len() as u64,
+                got,
             });
         }
-        Ok(out)
+        Ok(())
     }
 }
 
