@@ -6,7 +6,8 @@
 //! reference to the [`Bytes`] made from them is dropped.
 //!
 //! This module only recycles memory; the budgets that bound how many buffers are in use
-//! belong to their owners (the populate memory semaphore, the cache's capacity).
+//! belong to their owners (the cache's capacity). Populate no longer uses it: it writes
+//! the network's own chunks as they arrive (see `populate/copy.rs`).
 
 use std::sync::{Arc, Mutex};
 

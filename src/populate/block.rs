@@ -88,20 +88,17 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
         let (fetcher, file, key, progress) =
             (fetcher.clone(), file.clone(), key.clone(), progress.clone());
         tasks.spawn(async move {
-            let start = r.start;
-            let f = fetcher.fetch(&key, r).await?;
-            let (n, crc, declared) = (f.data.len, f.data.crc64, f.data.declared_crc64);
-            tokio::task::spawn_blocking(move || {
-                super::part_file::write_all_vectored_at(&file, &f.data.chunks, start)?;
-                if early {
-                    super::part_file::start_writeback(&file, start, n);
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-            progress.bytes_done.fetch_add(n, Ordering::Relaxed);
-            Ok::<_, Error>((start, n, crc, declared))
+            let done = fetcher
+                .fetch_to(&key, r, move |chunks, off| {
+                    let n = super::part_file::write_all_vectored_at(&file, chunks, off)?;
+                    if early {
+                        super::part_file::start_writeback(&file, off, n);
+                    }
+                    Ok(())
+                })
+                .await?;
+            progress.bytes_done.fetch_add(done.len, Ordering::Relaxed);
+            Ok::<_, Error>(done)
         });
     }
     let mut result = Ok(());
@@ -111,7 +108,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             .map_err(|e| Error::Io(std::io::Error::other(e)))
             .and_then(|r| r)
         {
-            Ok((start, n, crc, declared)) => crcs.add(start, n, crc.unwrap_or(0), declared),
+            Ok(d) => crcs.add(d.offset, d.len, d.crc64.unwrap_or(0), d.declared_crc64),
             Err(e) => {
                 tasks.abort_all();
                 result = Err(e);

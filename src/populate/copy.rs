@@ -1,8 +1,11 @@
-//! The copier: one object → one file in the target, with its ranges fetched concurrently
-//! through [`Store::read_range_into`] (the same door, limiter and retries as the FUSE read
-//! path) and written with positional writes into a [`PartFile`], which is renamed to its
-//! final name only once complete and checked. Two semaphores bound the work: `requests`
-//! (GETs in flight, `--jobs`) and `memory` (bytes fetched but not yet written).
+//! The copier: one object → one file in the target. A file of up to one part is one GET
+//! ([`Store::read_range_chunks`]), checked in memory, then created and written. A larger one
+//! is cut into ranges fetched concurrently ([`Store::open_range`]: the same door, limiter
+//! and retries as the FUSE read path), each written *as it arrives*, a
+//! [`WRITE_BATCH`] of the network's chunks per `pwritev`, into a preallocated [`PartFile`],
+//! which is renamed to its final name only once complete and checked. Two semaphores bound
+//! the work: `requests` (GETs in flight, `--jobs`) and `memory` (bytes fetched but not yet
+//! written).
 //!
 //! Integrity (see `integrity.rs`): every file's size; the CRC-64 the store declares (per
 //! range as it is written, combined); else the MD5 of a single-part ETag (one-range files
@@ -22,6 +25,7 @@ use super::part_file::{FileAttrs, PartFile};
 use super::plan::FileJob;
 use super::progress::Progress;
 use crate::error::{Error, Result};
+use crate::store::response::with_object_crc64;
 use crate::store::{RangeChunks, Store};
 
 /// Semaphore unit for the memory budget.
@@ -67,6 +71,76 @@ impl Fetcher {
         Ok(Fetched {
             data,
             _permit: permit,
+        })
+    }
+}
+
+/// Bytes of a range held before they are written: enough for one cheap `pwritev`, few
+/// enough that they are still in the CPU's cache when the kernel copies them.
+const WRITE_BATCH: u64 = 256 << 10;
+
+/// A range written by [`Fetcher::fetch_to`].
+#[derive(Debug, Clone, Copy)]
+pub struct RangeDone {
+    pub offset: u64,
+    pub len: u64,
+    /// CRC-64 of the range, when the store declared one for the object.
+    pub crc64: Option<u64>,
+    pub declared_crc64: Option<u64>,
+}
+
+impl Fetcher {
+    /// One ranged GET written as it arrives: every [`WRITE_BATCH`] bytes, `write(chunks,
+    /// offset)` runs on the blocking pool. Memory per range stays near one batch, and the
+    /// CRC of each chunk is taken as it arrives.
+    pub async fn fetch_to<W>(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+        write: W,
+    ) -> Result<RangeDone>
+    where
+        W: Fn(&[bytes::Bytes], u64) -> std::io::Result<()> + Clone + Send + 'static,
+    {
+        let start = range.start;
+        let len = range.end - range.start;
+        let _request = self.requests.acquire().await.expect("semaphore open");
+        let units = len.min(2 * WRITE_BATCH).div_ceil(KIB).max(1) as u32;
+        let _permit = self
+            .memory
+            .acquire_many(units)
+            .await
+            .expect("semaphore open");
+        let (written, declared) = with_object_crc64(async {
+            let mut reader = self.store.open_range(key, range).await?;
+            let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
+            let (mut batch, mut batch_len, mut at) = (Vec::new(), 0u64, start);
+            loop {
+                let next = reader.next_chunk().await?;
+                let end = next.is_none();
+                if let Some(chunk) = next {
+                    crc.update(&chunk);
+                    batch_len += chunk.len() as u64;
+                    batch.push(chunk);
+                }
+                if batch_len >= WRITE_BATCH || (end && batch_len > 0) {
+                    let (chunks, off, w) = (std::mem::take(&mut batch), at, write.clone());
+                    blocking(move || Ok(w(&chunks, off)?)).await?;
+                    at += batch_len;
+                    batch_len = 0;
+                }
+                if end {
+                    return Ok::<_, Error>((at - start, crc.finalize()));
+                }
+            }
+        })
+        .await;
+        let (len, crc) = written?;
+        Ok(RangeDone {
+            offset: start,
+            len,
+            crc64: declared.map(|_| crc),
+            declared_crc64: declared,
         })
     }
 }
@@ -180,20 +254,16 @@ impl Copier {
                 for r in split_ranges(job.size, self.part_size) {
                     let (me, p, job) = (self.clone(), p.clone(), job.clone());
                     tasks.spawn(async move {
-                        let start = r.start;
-                        let f = me.fetcher.fetch(&job.key, r).await?;
-                        let d = &f.data;
-                        let (n, crc, declared) = (d.len, d.crc64, d.declared_crc64);
-                        blocking(move || Ok(p.write_chunks_at(&f.data.chunks, start)?)).await?;
-                        Ok::<_, Error>((start, n, crc, declared))
+                        me.fetcher
+                            .fetch_to(&job.key, r, move |c, off| p.write_chunks_at(c, off))
+                            .await
                     });
                 }
                 let mut crcs = RangeCrcs::default();
                 while let Some(res) = tasks.join_next().await {
-                    let (start, n, crc, declared) =
-                        res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
-                    crcs.add(start, n, crc.unwrap_or(0), declared);
-                    self.wrote(&written, n);
+                    let r = res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    crcs.add(r.offset, r.len, r.crc64.unwrap_or(0), r.declared_crc64);
+                    self.wrote(&written, r.len);
                 }
                 expected.crc64 = crcs.declared();
                 checked = crcs.check(&job.key)?;

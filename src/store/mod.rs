@@ -385,34 +385,80 @@ impl Store {
         range: Range<u64>,
         mut sink: impl FnMut(Bytes),
     ) -> Result<()> {
-        let want = range.end - range.start;
-        if want == 0 {
-            return Ok(());
-        }
-        self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-        let reader = self.op.reader_with(key).await?;
-        let mut stream = reader.into_stream(range.clone()).await?;
-        let mut got = 0u64;
-        while let Some(buf) = stream.try_next().await? {
-            let n = buf.len() as u64;
-            for limiter in self.limiters.iter() {
-                limiter.acquire(n).await;
-            }
-            self.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
-            got += n;
-            for chunk in buf {
-                sink(chunk);
-            }
-        }
-        if got != want {
-            return Err(Error::ShortRead {
-                key: key.to_string(),
-                offset: range.start,
-                expected: want,
-                got,
-            });
+        let mut reader = self.open_range(key, range).await?;
+        while let Some(chunk) = reader.next_chunk().await? {
+            sink(chunk);
         }
         Ok(())
+    }
+
+    /// Starts one ranged GET whose chunks the caller pulls with
+    /// [`RangeReader::next_chunk`] (a copier writes them as they come). Run it inside
+    /// [`response::with_object_crc64`] to learn the CRC-64 the response declares.
+    pub async fn open_range(&self, key: &str, range: Range<u64>) -> Result<RangeReader> {
+        let want = range.end - range.start;
+        let stream = if want == 0 {
+            None
+        } else {
+            self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
+            let reader = self.op.reader_with(key).await?;
+            Some(reader.into_stream(range.clone()).await?)
+        };
+        Ok(RangeReader {
+            store: self.clone(),
+            key: key.to_string(),
+            range,
+            stream,
+            pending: Default::default(),
+            got: 0,
+        })
+    }
+}
+
+/// The chunks of one ranged GET, pulled one at a time; see [`Store::open_range`].
+pub struct RangeReader {
+    store: Store,
+    key: String,
+    range: Range<u64>,
+    stream: Option<opendal::BufferStream>,
+    pending: std::collections::VecDeque<Bytes>,
+    got: u64,
+}
+
+impl RangeReader {
+    /// The next chunk, paid to the limiters; `None` at the end, which is an error unless
+    /// exactly the range's length arrived.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if let Some(c) = self.pending.pop_front() {
+                return Ok(Some(c));
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(None);
+            };
+            let Some(buf) = stream.try_next().await? else {
+                break;
+            };
+            let n = buf.len() as u64;
+            for limiter in self.store.limiters.iter() {
+                limiter.acquire(n).await;
+            }
+            self.store.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
+            self.got += n;
+            self.pending
+                .extend(buf.into_iter().filter(|c| !c.is_empty()));
+        }
+        self.stream = None;
+        let want = self.range.end - self.range.start;
+        if self.got != want {
+            return Err(Error::ShortRead {
+                key: self.key.clone(),
+                offset: self.range.start,
+                expected: want,
+                got: self.got,
+            });
+        }
+        Ok(None)
     }
 }
 
