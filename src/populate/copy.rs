@@ -26,7 +26,7 @@ use super::plan::FileJob;
 use super::progress::Progress;
 use crate::error::{Error, Result};
 use crate::store::response::with_object_crc64;
-use crate::store::{RangeChunks, Store};
+use crate::store::{RangeChunks, Scheme, Store};
 
 /// Semaphore unit for the memory budget.
 const KIB: u64 = 1024;
@@ -79,6 +79,9 @@ impl Fetcher {
 /// enough that they are still in the CPU's cache when the kernel copies them.
 const WRITE_BATCH: u64 = 256 << 10;
 
+/// Largest body chunk hyper hands over (its read buffer stops growing at 8 KiB + 400 KiB).
+const MAX_HTTP_CHUNK: u64 = 512 << 10;
+
 /// A range written by [`Fetcher::fetch_to`].
 #[derive(Debug, Clone, Copy)]
 pub struct RangeDone {
@@ -105,7 +108,15 @@ impl Fetcher {
         let start = range.start;
         let len = range.end - range.start;
         let _request = self.requests.acquire().await.expect("semaphore open");
-        let units = len.min(2 * WRITE_BATCH).div_ceil(KIB).max(1) as u32;
+        // What this range can hold at once: an HTTP body arrives in chunks of at most
+        // hyper's read buffer (~400 KiB) and is written every WRITE_BATCH; a local file's
+        // reader may hand over the whole range in one chunk.
+        let held = if self.store.source().scheme == Scheme::File {
+            len
+        } else {
+            len.min(WRITE_BATCH + MAX_HTTP_CHUNK)
+        };
+        let units = held.div_ceil(KIB).max(1) as u32;
         let _permit = self
             .memory
             .acquire_many(units)
