@@ -5,7 +5,7 @@
 //!   ranged ones included (`store/response.rs`). A CRC of each range is computed as the range
 //!   is written and the ranges are combined in offset order (CRCs compose without the data),
 //!   so a file of any size, multipart uploads included, is checked without reading it again.
-//!   It costs about a twentieth of an MD5 (SIMD, `crc-fast`).
+//!   It costs a small fraction of an MD5 (SIMD, `crc-fast`; see ARCHITECTURE.md).
 //! - **MD5** of a single-part ETag (S3 and OSS objects uploaded in one PUT): checked from the
 //!   buffer for one-GET files; for larger files only with `--verify`, which re-reads the file.
 //!

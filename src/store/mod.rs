@@ -308,26 +308,6 @@ impl Store {
         &self,
         key: &str,
         range: Range<u64>,
-        out: BytesMut,
-    ) -> Result<BytesMut> {
-        self.read_range_checked(key, range, out).await.0
-    }
-
-    /// [`read_range_into`](Self::read_range_into), also returning the CRC-64 the store
-    /// declared for the whole object in the response (OSS and COS do; see `response.rs`).
-    pub async fn read_range_checked(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        out: BytesMut,
-    ) -> (Result<BytesMut>, Option<u64>) {
-        response::with_object_crc64(self.read_range_inner(key, range, out)).await
-    }
-
-    async fn read_range_inner(
-        &self,
-        key: &str,
-        range: Range<u64>,
         mut out: BytesMut,
     ) -> Result<BytesMut> {
         out.clear();
@@ -343,32 +323,17 @@ impl Store {
     /// they arrive, while they are still in the CPU's cache.
     pub async fn read_range_chunks(&self, key: &str, range: Range<u64>) -> Result<RangeChunks> {
         let mut chunks = Vec::new();
-        let mut crc: Option<crc_fast::Digest> = None;
+        let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
         let (res, declared) = response::with_object_crc64(async {
             self.read_each(key, range.clone(), |chunk| {
-                // The headers came before the first chunk: the slot is final by now.
-                if crc.is_none() && response::declared_so_far().is_some() {
-                    crc = Some(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz));
-                }
-                if let Some(d) = crc.as_mut() {
-                    d.update(&chunk);
-                }
+                crc.update(&chunk);
                 chunks.push(chunk);
             })
             .await
         })
         .await;
         res?;
-        let crc64 = match (declared, crc) {
-            (None, _) => None,
-            (Some(_), Some(d)) => Some(d.finalize()),
-            // Declared only by a retried response that resumed the body: take it now.
-            (Some(_), None) => {
-                let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
-                chunks.iter().for_each(|c| d.update(c));
-                Some(d.finalize())
-            }
-        };
+        let crc64 = declared.map(|_| crc.finalize());
         Ok(RangeChunks {
             len: range.end - range.start,
             chunks,

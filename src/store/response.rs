@@ -44,11 +44,6 @@ pub async fn with_object_crc64<F: Future>(read: F) -> (F::Output, Option<u64>) {
         .await
 }
 
-/// Inside [`with_object_crc64`]: what the responses so far declared.
-pub fn declared_so_far() -> Option<u64> {
-    OBJECT_CRC64.try_with(Cell::get).ok().flatten()
-}
-
 /// The operator's transport, plus a look at GET response headers.
 pub struct HeaderTap {
     pub inner: HttpTransporter,
