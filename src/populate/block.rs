@@ -108,7 +108,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             .map_err(|e| Error::Io(std::io::Error::other(e)))
             .and_then(|r| r)
         {
-            Ok(d) => crcs.add(d.offset, d.len, d.crc64.unwrap_or(0), d.declared_crc64),
+            Ok(d) => crcs.add(d.offset, d.len, d.crc64, d.declared_crc64),
             Err(e) => {
                 tasks.abort_all();
                 result = Err(e);

@@ -87,8 +87,8 @@ const MAX_HTTP_CHUNK: u64 = 512 << 10;
 pub struct RangeDone {
     pub offset: u64,
     pub len: u64,
-    /// CRC-64 of the range, when the store declared one for the object.
-    pub crc64: Option<u64>,
+    /// CRC-64 of the range's bytes.
+    pub crc64: u64,
     pub declared_crc64: Option<u64>,
 }
 
@@ -150,7 +150,7 @@ impl Fetcher {
         Ok(RangeDone {
             offset: start,
             len,
-            crc64: declared.map(|_| crc),
+            crc64: crc,
             declared_crc64: declared,
         })
     }
@@ -238,8 +238,8 @@ impl Copier {
                 // One GET, checked from memory, then create + write in one blocking hop.
                 let f = self.fetcher.fetch(&job.key, 0..job.size).await?;
                 expected.crc64 = f.data.declared_crc64;
-                if let (Some(want), Some(got)) = (f.data.declared_crc64, f.data.crc64) {
-                    integrity::check_crc64(&job.key, want, got)?;
+                if let Some(want) = f.data.declared_crc64 {
+                    integrity::check_crc64(&job.key, want, f.data.crc64)?;
                     checked = Checked::Crc64;
                 } else if let Some(want) = &expected.md5 {
                     integrity::check_md5(&job.key, want, &integrity::md5(&f.data.chunks))?;
@@ -273,7 +273,7 @@ impl Copier {
                 let mut crcs = RangeCrcs::default();
                 while let Some(res) = tasks.join_next().await {
                     let r = res.map_err(|e| Error::Io(std::io::Error::other(e)))??;
-                    crcs.add(r.offset, r.len, r.crc64.unwrap_or(0), r.declared_crc64);
+                    crcs.add(r.offset, r.len, r.crc64, r.declared_crc64);
                     self.wrote(&written, r.len);
                 }
                 expected.crc64 = crcs.declared();

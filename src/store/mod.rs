@@ -84,8 +84,8 @@ pub enum Listed {
 pub struct RangeChunks {
     pub chunks: Vec<Bytes>,
     pub len: u64,
-    /// CRC-64/XZ of these bytes, taken only when the response declared one.
-    pub crc64: Option<u64>,
+    /// CRC-64/XZ of these bytes, taken as they arrived.
+    pub crc64: u64,
     /// The CRC-64 the response declared for the whole object.
     pub declared_crc64: Option<u64>,
 }
@@ -318,9 +318,9 @@ impl Store {
     }
 
     /// Reads `range` of `key` as the chunks the network delivered, without copying them
-    /// into one buffer (a copier writes them with one `pwritev`). When the response
-    /// declares the object's CRC-64, the CRC of these bytes is taken chunk by chunk as
-    /// they arrive, while they are still in the CPU's cache.
+    /// into one buffer (a copier writes them with one `pwritev`). The CRC-64 of these
+    /// bytes is taken chunk by chunk as they arrive, while they are still in the CPU's
+    /// cache, and returned with the one the response declared for the object, if any.
     pub async fn read_range_chunks(&self, key: &str, range: Range<u64>) -> Result<RangeChunks> {
         let mut chunks = Vec::new();
         let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
@@ -333,11 +333,10 @@ impl Store {
         })
         .await;
         res?;
-        let crc64 = declared.map(|_| crc.finalize());
         Ok(RangeChunks {
             len: range.end - range.start,
             chunks,
-            crc64,
+            crc64: crc.finalize(),
             declared_crc64: declared,
         })
     }
