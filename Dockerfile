@@ -24,6 +24,8 @@ RUN apt-get update \
       ca-certificates fuse3 e2fsprogs \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/fillfs /usr/local/bin/fillfs
-# The fill pod runs as this user; the CSI node plugin overrides it (privileged, root).
+# The default user. Fill pods and the controller set their own (see deploy/ and the
+# controller's pod builder); the CSI node plugin's DaemonSet sets runAsUser: 0, because it
+# binds a socket in kubelet's root-owned plugin directory and mounts FUSE (privileged).
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/fillfs"]

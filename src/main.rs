@@ -51,9 +51,14 @@ enum Command {
 #[derive(Args)]
 #[command(
     long_about = "Watches PersistentVolumeClaims whose dataSourceRef names an OSSVolumePopulator. For each, it \
-                  creates a temporary claim (prime-<uid>) and a fill pod (populate-<uid>) in --namespace that mounts \
-                  the bucket through the fillfs CSI driver and runs `fillfs populate`, then hands the filled volume \
-                  to the user's claim. Progress shows as the fillfs.io/progress annotation and as events on the claim."
+                  creates a temporary claim (prime-<uid>) and a fill pod (populate-<uid>) in --namespace that runs \
+                  `fillfs populate` into it, then hands the filled volume to the user's claim.\n\n\
+                  Fill paths: `node` mounts the bucket through the fillfs CSI node plugin (shared node cache and cap); \
+                  `direct` reads oss:// from inside the fill pod (serverless/virtual nodes, or nodes without the plugin). \
+                  The path is chosen per claim from the pod's placement and CSINode; the annotation fillfs.io/fill-path: \
+                  node|direct|auto on the claim or the populator overrides it.\n\n\
+                  Progress shows as the fillfs.io/progress annotation and as events on the claim (kubectl describe pvc). \
+                  /metrics, /healthz and /readyz (watches working) are served on --metrics-addr."
 )]
 struct ControllerArgs {
     /// Namespace of temporary claims, fill pods and copied secrets.
@@ -77,6 +82,10 @@ struct ControllerArgs {
     /// How often a running fill's progress is read.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     poll: Duration,
+    /// A fill pod still running after this long is stopped (its activeDeadlineSeconds) and
+    /// counts as a failed attempt; a populator's spec.generic.activeDeadlineSeconds wins.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    fill_deadline: Duration,
     /// Address of /metrics and /healthz; "none" to disable.
     #[arg(long, default_value = "0.0.0.0:9090")]
     metrics_addr: String,
@@ -213,6 +222,14 @@ struct PopulateArgs {
     /// Owner gid of written files and directories. Default: the caller's group.
     #[arg(long)]
     gid: Option<u32>,
+    /// Mode of created directories, in octal (e.g. 775, 2775, 1777). When given, TARGET
+    /// itself gets it too (and --uid/--gid), so a volume's root is writable as asked.
+    /// Default: 755, TARGET left as it is.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    dir_mode: Option<u32>,
+    /// Mode of written files, in octal (e.g. 644, 664).
+    #[arg(long, value_name = "OCTAL", default_value = "644", value_parser = parse_mode)]
+    file_mode: u32,
     /// TARGET is a block device or image file: write the single object SOURCE names into it
     /// raw (disk images).
     #[arg(long)]
@@ -277,6 +294,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         return Err("size must be positive".into());
     }
     Ok(size.as_u64())
+}
+
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    fillfs::controller::crd::parse_mode(s)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 755, 2775 or 1777"))
 }
 
 fn parse_throughput(s: &str) -> std::result::Result<f64, String> {
@@ -346,8 +368,9 @@ fn populate(a: PopulateArgs) -> Result<()> {
         progress: a.progress,
         uid: a.uid,
         gid: a.gid,
-        file_mode: 0o644,
-        dir_mode: 0o755,
+        file_mode: a.file_mode,
+        dir_mode: a.dir_mode.unwrap_or(0o755),
+        root_mode: a.dir_mode,
         skip_invalid_keys: a.skip_invalid_keys,
         fsync: a.fsync,
         early_writeback: a.writeback == Writeback::Early,
@@ -414,6 +437,7 @@ fn controller(a: ControllerArgs) -> Result<()> {
             image: a.image,
             service_account: a.service_account,
             csi_driver: a.csi_driver,
+            fill_deadline: a.fill_deadline.max(Duration::from_secs(60)),
         },
         max_attempts: a.max_attempts.max(1),
         retry_base: a.retry_delay,

@@ -152,3 +152,154 @@ fn documents_of(file: &Path) -> Vec<(String, Value)> {
         .map(|v| (file.display().to_string(), v))
         .collect()
 }
+
+#[path = "common/podspec.rs"]
+mod podspec;
+
+use k8s_openapi::api::core::v1::PodSpec;
+
+/// Every pod template in deploy/ with the file it comes from.
+fn pod_specs() -> Vec<(String, String, PodSpec)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut docs = documents(&root);
+    docs.extend(documents(&root.join("examples")));
+    let mut out = Vec::new();
+    for (file, doc) in docs {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let spec = match kind.as_str() {
+            "DaemonSet" | "Deployment" => doc["spec"]["template"]["spec"].clone(),
+            "Pod" => doc["spec"].clone(),
+            _ => continue,
+        };
+        let name = format!("{file}: {kind} {}", doc["metadata"]["name"]);
+        out.push((name, kind, serde_json::from_value(spec).unwrap()));
+    }
+    out
+}
+
+/// What each container does decides the uid it needs, and the manifests must give it:
+/// - privileged (mounting FUSE into kubelet's directories) → uid 0: a privileged
+///   container of uid 65532 cannot bind a socket in a root-owned 0755 host directory;
+/// - writing into a hostPath directory (kubelet creates them root-owned, 0755) → uid 0;
+/// - `runAsNonRoot: true` with an effective uid 0 → kubelet refuses to start it;
+/// - everything not privileged drops all capabilities and cannot escalate.
+#[test]
+fn every_container_runs_as_the_uid_its_job_needs() {
+    let specs = pod_specs();
+    assert!(specs.len() >= 4, "{specs:?}");
+    let mut node_plugin_seen = false;
+    for (name, _, spec) in &specs {
+        let host_dirs: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| {
+                v.host_path
+                    .as_ref()
+                    .is_some_and(|h| h.type_.as_deref() != Some("CharDevice"))
+            })
+            .map(|v| v.name.as_str())
+            .collect();
+        for c in &spec.containers {
+            let (uid, _) = podspec::effective_user(spec, c);
+            let what = format!("{name}, container {}: effective uid {uid}", c.name);
+            if podspec::privileged(c) {
+                assert_eq!(uid, 0, "{what}: privileged mounters must run as root");
+            }
+            let writes_host = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| host_dirs.contains(&m.name.as_str()) && m.read_only != Some(true));
+            if writes_host {
+                assert_eq!(
+                    uid, 0,
+                    "{what}: writes into a root-owned hostPath directory"
+                );
+            }
+            if podspec::run_as_non_root(spec, c) {
+                assert_ne!(uid, 0, "{what}: runAsNonRoot with uid 0 never starts");
+            }
+            if !podspec::privileged(c) {
+                let sc = c.security_context.clone().unwrap_or_default();
+                if name.contains("controller.yaml") {
+                    assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+                    let caps = sc.capabilities.unwrap_or_default();
+                    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{what}");
+                }
+            }
+            if c.args.iter().flatten().any(|a| a == "csi") {
+                node_plugin_seen = true;
+                assert!(
+                    podspec::privileged(c),
+                    "{what}: the node plugin mounts FUSE"
+                );
+                assert_eq!(uid, 0, "{what}");
+            }
+        }
+    }
+    assert!(node_plugin_seen, "no node plugin container in deploy/");
+    // The image's default user is not root (fill pods and the controller rely on it
+    // being overridden only where the manifests say so).
+    assert_ne!(podspec::dockerfile_user().0, 0);
+}
+
+/// The controller's fill pods, on both paths: root without privileges (so the fill can give
+/// the volume's root its mode), every capability dropped but CHOWN when asked for.
+#[test]
+fn fill_pods_are_unprivileged_on_both_paths() {
+    use fillfs::controller::objects::{self, FillSpec, Settings};
+    use fillfs::controller::placement::FillPath;
+    let cr: fillfs::controller::OSSVolumePopulator = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/examples/seed-ossvolumepopulator.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "c", "namespace": "argo", "uid": "u-1"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap();
+    let settings = Settings {
+        namespace: "fillfs-system".into(),
+        image: format!("ghcr.io/fillfs/fillfs:{}", env!("CARGO_PKG_VERSION")),
+        service_account: "fillfs-populate".into(),
+        csi_driver: "csi.fillfs.io".into(),
+        fill_deadline: std::time::Duration::from_secs(3600),
+    };
+    for path in [FillPath::Node, FillPath::Direct] {
+        let pod = objects::fill_pod(
+            &pvc,
+            &cr,
+            &settings,
+            &FillSpec {
+                path,
+                selected_node: None,
+                secret: None,
+            },
+        );
+        let spec = pod.spec.unwrap();
+        let c = &spec.containers[0];
+        let what = format!("{path:?} fill pod");
+        assert_eq!(podspec::effective_user(&spec, c), (0, 0), "{what}");
+        assert!(!podspec::privileged(c), "{what}");
+        assert!(!podspec::run_as_non_root(&spec, c), "{what}");
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{what}");
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}");
+        let caps = sc.capabilities.unwrap();
+        assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{what}");
+        assert!(
+            caps.add.unwrap_or_default().iter().all(|a| a == "CHOWN"),
+            "{what}"
+        );
+        assert!(
+            spec.volumes.iter().flatten().all(|v| v.host_path.is_none()),
+            "{what}"
+        );
+        assert_eq!(spec.active_deadline_seconds, Some(3600), "{what}");
+    }
+}

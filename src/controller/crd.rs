@@ -67,6 +67,56 @@ pub struct OSSVolumePopulatorSpec {
     /// checksums the store provides are always checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<bool>,
+    /// Owner and modes of what the fill writes (Filesystem volumes). Default: owned by
+    /// root, directories 0777 (like an emptyDir: any consumer can create files, whatever
+    /// its uid or fsGroup), files 0644.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<Ownership>,
+}
+
+/// Owner and modes of the filled tree, the volume's root directory included.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Ownership {
+    /// Owner uid of files and directories (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub uid: u32,
+    /// Owner gid of files and directories (default 0).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 2147483647))]
+    pub gid: u32,
+    /// Mode of directories, the root included, in octal (default "0777").
+    #[serde(default = "default_dir_mode")]
+    pub dir_mode: String,
+    /// Mode of files, in octal (default "0644"; "0666" lets any consumer change them).
+    #[serde(default = "default_file_mode")]
+    pub file_mode: String,
+}
+
+fn default_dir_mode() -> String {
+    "0777".into()
+}
+
+fn default_file_mode() -> String {
+    "0644".into()
+}
+
+impl Default for Ownership {
+    fn default() -> Self {
+        Ownership {
+            uid: 0,
+            gid: 0,
+            dir_mode: default_dir_mode(),
+            file_mode: default_file_mode(),
+        }
+    }
+}
+
+/// An octal mode of at most 0777 plus the setgid and sticky bits ("0775", "2775", "1777").
+pub fn parse_mode(s: &str) -> Option<u32> {
+    let m = u32::from_str_radix(s.trim(), 8).ok()?;
+    (m & !0o3777 == 0).then_some(m)
 }
 
 fn default_path() -> String {
@@ -106,6 +156,11 @@ pub struct GenericSpec {
     /// Priority class of the fill pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// A fill still running after this many seconds is stopped and counts as a failed
+    /// attempt (the pod's activeDeadlineSeconds). Default: the controller's --fill-deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60))]
+    pub active_deadline_seconds: Option<i64>,
 }
 
 /// RRSA (RAM Roles for Service Accounts).
@@ -167,6 +222,23 @@ impl OSSVolumePopulatorSpec {
         }
         if self.path.split('/').any(|c| c == "..") || self.path.contains('\0') {
             return Err(format!("spec.path {:?} must not contain '..'", self.path));
+        }
+        if let Some(o) = &self.ownership {
+            for (field, v) in [("dirMode", &o.dir_mode), ("fileMode", &o.file_mode)] {
+                if parse_mode(v).is_none() {
+                    return Err(format!(
+                        "spec.ownership.{field} {v:?} is not an octal mode like \"0775\" (at most 3777)"
+                    ));
+                }
+            }
+        }
+        if self
+            .generic
+            .as_ref()
+            .and_then(|g| g.active_deadline_seconds)
+            .is_some_and(|s| s < 60)
+        {
+            return Err("spec.generic.activeDeadlineSeconds must be at least 60".into());
         }
         if self.throughput == Some(0) {
             return Err("spec.throughput must be at least 1 MB/s (omit it for no cap)".into());

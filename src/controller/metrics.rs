@@ -30,6 +30,9 @@ pub struct Metrics {
     pub bytes: Counter,
     /// `fillfs_population_retries_total`
     pub retries: Counter,
+    /// `fillfs_watch_errors_total`
+    pub watch_errors: Counter,
+    watch_problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -51,7 +54,7 @@ impl Default for Metrics {
         let in_flight = Gauge::default();
         registry.register(
             "populations_in_flight",
-            "Fill pods started by this controller and not finished",
+            "Fill pods that exist and have not finished",
             in_flight.clone(),
         );
         let bytes = Counter::default();
@@ -66,6 +69,12 @@ impl Default for Metrics {
             "Failed fill attempts that were retried",
             retries.clone(),
         );
+        let watch_errors = Counter::default();
+        registry.register(
+            "watch_errors",
+            "Failed watches of the Kubernetes API (403, missing CRD, ...)",
+            watch_errors.clone(),
+        );
         Metrics {
             registry,
             populations,
@@ -73,6 +82,8 @@ impl Default for Metrics {
             in_flight,
             bytes,
             retries,
+            watch_errors,
+            watch_problem: Default::default(),
         }
     }
 }
@@ -93,12 +104,33 @@ impl Metrics {
         }
     }
 
-    /// A fill pod is gone; never below zero (a restarted controller did not count the fills
-    /// that were already running).
-    pub fn fill_ended(&self) {
-        if self.in_flight.get() > 0 {
-            self.in_flight.dec();
+    /// Fills in flight, as counted from the fill pods that exist (so a deleted claim or a
+    /// restarted controller never leaves the gauge off).
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(n as i64);
+    }
+
+    /// A watch failed (e.g. 403: RBAC; 404: the CRD is not installed): logged at warn, and
+    /// `/readyz` fails until a watch succeeds again.
+    pub fn watch_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let text = format!("watch of {what}: {error}");
+        tracing::warn!("{text}");
+        *self.watch_problem.lock().expect("lock") = Some(text);
+        self.watch_errors.inc();
+    }
+
+    /// A watch delivered an event: whatever failed before works now.
+    pub fn watch_ok(&self) {
+        let mut p = self.watch_problem.lock().expect("lock");
+        if p.is_some() {
+            tracing::info!("watches work again");
+            *p = None;
         }
+    }
+
+    /// `None` when ready; else what is wrong.
+    pub fn readiness_problem(&self) -> Option<String> {
+        self.watch_problem.lock().expect("lock").clone()
     }
 
     /// The text exposition format.
@@ -110,14 +142,14 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
+/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (watches working) on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     loop {
         let (stream, _) = listener.accept().await?;
         let metrics = metrics.clone();
@@ -134,6 +166,12 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                                 )
                                 .body(Full::new(Bytes::from(metrics.render()))),
                             "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+                            "/readyz" => match metrics.readiness_problem() {
+                                None => Response::builder().body(Full::new(Bytes::from("ok\n"))),
+                                Some(p) => Response::builder()
+                                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                                    .body(Full::new(Bytes::from(format!("{p}\n")))),
+                            },
                             _ => Response::builder()
                                 .status(StatusCode::NOT_FOUND)
                                 .body(Full::new(Bytes::from("not found\n"))),
@@ -168,8 +206,27 @@ mod tests {
             "fillfs_populations_in_flight 2",
             "fillfs_population_duration_seconds_count 1",
             "fillfs_population_retries_total 0",
+            "fillfs_watch_errors_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_failed_watch_makes_it_unready_until_one_works() {
+        let m = Metrics::default();
+        assert_eq!(m.readiness_problem(), None);
+        m.watch_failed(
+            "ossvolumepopulators",
+            &"404: the server could not find the requested resource",
+        );
+        let p = m.readiness_problem().unwrap();
+        assert!(
+            p.contains("ossvolumepopulators") && p.contains("404"),
+            "{p}"
+        );
+        assert!(m.render().contains("fillfs_watch_errors_total 1"));
+        m.watch_ok();
+        assert_eq!(m.readiness_problem(), None);
     }
 }

@@ -12,16 +12,20 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Capabilities, Container, EnvVar, LocalObjectReference, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, SeccompProfile, Secret, SecurityContext, Volume, VolumeDevice,
-    VolumeMount,
+    CSIVolumeSource, Capabilities, Container, EnvVar, EnvVarSource, LocalObjectReference,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
+    PodSecurityContext, PodSpec, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    Secret, SecretKeySelector, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeDevice, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::crd::OSSVolumePopulator;
+use super::placement::{ANN_FILL_PATH, FillPath};
 
 pub const API_GROUP: &str = "storage.alibabacloud.com";
 pub const KIND: &str = "OSSVolumePopulator";
@@ -69,8 +73,10 @@ pub struct Settings {
     pub image: String,
     /// Service account of fill pods (its token is what RRSA exchanges).
     pub service_account: String,
-    /// The CSI driver that mounts the bucket in the fill pod.
+    /// The CSI driver that mounts the bucket in the fill pod (node path).
     pub csi_driver: String,
+    /// A fill pod's activeDeadlineSeconds unless the populator sets its own.
+    pub fill_deadline: Duration,
 }
 
 pub fn prime_name(uid: &str) -> String {
@@ -183,84 +189,156 @@ fn source_layout(cr: &OSSVolumePopulator, block: bool) -> (String, String) {
     }
 }
 
-/// The fill pod: mounts the bucket read-only through the fillfs CSI driver at /source and
-/// PVC' at /target (or as /dev/target), runs `fillfs populate`, and exits.
+/// The source URL of a direct fill: the prefix (with its trailing `/`), or one image.
+pub fn direct_source(cr: &OSSVolumePopulator, block: bool) -> String {
+    let path = cr.spec.path.trim_matches('/');
+    match (block, path.is_empty()) {
+        (true, _) => format!("oss://{}/{path}", cr.spec.bucket),
+        (false, true) => format!("oss://{}/", cr.spec.bucket),
+        (false, false) => format!("oss://{}/{path}/", cr.spec.bucket),
+    }
+}
+
+/// Where the direct path's projected RRSA token is mounted (ACK's own location).
+pub const RRSA_TOKEN_DIR: &str = "/var/run/secrets/ack.alibabacloud.com/rrsa-tokens";
+/// The audience Alibaba Cloud STS accepts for RRSA.
+pub const RRSA_AUDIENCE: &str = "sts.aliyuncs.com";
+
+/// How one fill pod is made: its path, its node, the copied credentials Secret.
+#[derive(Debug, Clone, Copy)]
+pub struct FillSpec<'a> {
+    pub path: FillPath,
+    pub selected_node: Option<&'a str>,
+    pub secret: Option<&'a str>,
+}
+
+/// The fill pod. Node path: mounts the bucket read-only through the fillfs CSI driver at
+/// /source; direct path: reads `oss://` itself. Either way PVC' is at /target (or
+/// /dev/target), `fillfs populate` runs once, and the pod exits.
+///
+/// It runs as uid 0 *without privileges*: no capability but CHOWN (only when the
+/// populator asks for another owner), no privilege escalation, a read-only root. Root is
+/// what lets the fill give the volume's root directory the populator's mode (a fresh file
+/// system's root belongs to uid 0, and only its owner may chmod it), so consumers of any
+/// uid can write there without a recursive chown by kubelet at every mount.
 pub fn fill_pod(
     pvc: &PersistentVolumeClaim,
     cr: &OSSVolumePopulator,
     settings: &Settings,
-    selected_node: Option<&str>,
-    secret: Option<&str>,
+    fill: &FillSpec,
 ) -> Pod {
     let uid = uid(pvc);
     let block = is_block(pvc);
     let spec = &cr.spec;
     let generic = spec.generic.clone().unwrap_or_default();
-    let (mount_path, source_arg) = source_layout(cr, block);
+    let ownership = spec.ownership.clone().unwrap_or_default();
+    let direct = fill.path == FillPath::Direct;
 
-    let mut attributes = BTreeMap::from([
-        ("bucket".to_string(), spec.bucket.clone()),
-        ("path".to_string(), mount_path),
-        ("protocol".to_string(), "oss".to_string()),
-    ]);
-    if let Some(e) = &spec.endpoint {
-        attributes.insert("endpoint".into(), e.clone());
+    let mut env = vec![env_value("RUST_LOG", "info")];
+    let mut volumes = vec![Volume {
+        name: "target".into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: prime_name(uid),
+            read_only: Some(false),
+        }),
+        ..Default::default()
+    }];
+    let mut volume_mounts = Vec::new();
+    let mut args = vec!["populate".to_string()];
+    if direct {
+        args.push(direct_source(cr, block));
+        if let Some(e) = &spec.endpoint {
+            args.extend(["--endpoint".into(), e.clone()]);
+        }
+        if let Some(r) = &spec.region {
+            args.extend(["--region".into(), r.clone()]);
+        }
+        if let Some(t) = spec.throughput_mib() {
+            args.extend(["--throughput".into(), format!("{t}")]);
+        }
+        match (&generic.rrsa_configs, fill.secret) {
+            (Some(r), _) => {
+                env.extend([
+                    env_value("ALIBABA_CLOUD_ROLE_ARN", &r.role_arn),
+                    env_value("ALIBABA_CLOUD_OIDC_PROVIDER_ARN", &r.oidc_provider_arn),
+                    env_value(
+                        "ALIBABA_CLOUD_OIDC_TOKEN_FILE",
+                        &format!("{RRSA_TOKEN_DIR}/token"),
+                    ),
+                ]);
+                volumes.push(rrsa_token_volume());
+                volume_mounts.push(VolumeMount {
+                    name: "rrsa-token".into(),
+                    mount_path: RRSA_TOKEN_DIR.into(),
+                    read_only: Some(true),
+                    ..Default::default()
+                });
+            }
+            (None, Some(secret)) => env.extend([
+                env_secret("ALIBABA_CLOUD_ACCESS_KEY_ID", secret, "akId", false),
+                env_secret("ALIBABA_CLOUD_ACCESS_KEY_SECRET", secret, "akSecret", false),
+                env_secret(
+                    "ALIBABA_CLOUD_SECURITY_TOKEN",
+                    secret,
+                    "securityToken",
+                    true,
+                ),
+            ]),
+            // Like a CSI volume without credentials: anonymous, never an ambient identity.
+            (None, None) => args.push("--no-sign-request".into()),
+        }
+    } else {
+        let (mount_path, source_arg) = source_layout(cr, block);
+        args.push(source_arg);
+        volumes.push(csi_source_volume(cr, settings, &mount_path, fill.secret));
+        volume_mounts.push(VolumeMount {
+            name: "source".into(),
+            mount_path: "/source".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
     }
-    if let Some(r) = &spec.region {
-        attributes.insert("region".into(), r.clone());
-    }
-    if let Some(t) = spec.throughput_mib() {
-        attributes.insert("throughput".into(), format!("{t}"));
-    }
-    if let Some(r) = &generic.rrsa_configs {
-        attributes.insert("roleArn".into(), r.role_arn.clone());
-        attributes.insert("oidcProviderArn".into(), r.oidc_provider_arn.clone());
-    }
-
-    let mut args = vec!["populate".to_string(), source_arg];
-    if block {
+    let volume_devices = if block {
         args.extend(["/dev/target".to_string(), "--block".to_string()]);
+        Some(vec![VolumeDevice {
+            name: "target".into(),
+            device_path: "/dev/target".into(),
+        }])
     } else {
         args.push("/target".to_string());
-    }
+        volume_mounts.push(VolumeMount {
+            name: "target".into(),
+            mount_path: "/target".into(),
+            ..Default::default()
+        });
+        args.extend([
+            "--dir-mode".into(),
+            ownership.dir_mode.clone(),
+            "--file-mode".into(),
+            ownership.file_mode.clone(),
+        ]);
+        if ownership.uid != 0 || ownership.gid != 0 {
+            args.extend([
+                "--uid".into(),
+                ownership.uid.to_string(),
+                "--gid".into(),
+                ownership.gid.to_string(),
+            ]);
+        }
+        None
+    };
     args.extend(["--progress".to_string(), "json".to_string()]);
     if spec.verify == Some(true) {
         args.push("--verify".to_string());
     }
+    // Giving files to another owner is the one capability a fill may need.
+    let add = (!block && (ownership.uid != 0 || ownership.gid != 0)).then(|| vec!["CHOWN".into()]);
 
     let mut labels = generic.labels.clone();
     labels.extend(owner_labels(pvc));
+    let mut annotations = owner_annotations(pvc, cr);
+    annotations.insert(ANN_FILL_PATH.to_string(), fill.path.as_str().to_string());
 
-    let (volume_mounts, volume_devices) = if block {
-        (
-            vec![source_mount()],
-            Some(vec![VolumeDevice {
-                name: "target".into(),
-                device_path: "/dev/target".into(),
-            }]),
-        )
-    } else {
-        (
-            vec![
-                source_mount(),
-                VolumeMount {
-                    name: "target".into(),
-                    mount_path: "/target".into(),
-                    ..Default::default()
-                },
-            ],
-            None,
-        )
-    };
-
-    // Unprivileged: FUSE lives in the CSI node plugin. A file system volume is written as
-    // an ordinary user (fsGroup makes the volume root writable); a raw device needs the
-    // device owner's uid, still without privileges or capabilities.
-    let (run_as, fs_group) = if block {
-        (0, None)
-    } else {
-        (65532, Some(65532))
-    };
     let resources = generic
         .resources
         .clone()
@@ -281,22 +359,27 @@ pub fn fill_pod(
             name: Some(pod_name(uid)),
             namespace: Some(settings.namespace.clone()),
             labels: Some(labels),
-            annotations: Some(owner_annotations(pvc, cr)),
+            annotations: Some(annotations),
             ..Default::default()
         },
         spec: Some(PodSpec {
             restart_policy: Some("Never".into()),
+            active_deadline_seconds: Some(
+                generic
+                    .active_deadline_seconds
+                    .unwrap_or(settings.fill_deadline.as_secs() as i64),
+            ),
             service_account_name: Some(settings.service_account.clone()),
-            node_name: selected_node.map(str::to_string),
-            node_selector: (selected_node.is_none() && !generic.node_selector.is_empty())
+            automount_service_account_token: Some(false),
+            node_name: fill.selected_node.map(str::to_string),
+            node_selector: (fill.selected_node.is_none() && !generic.node_selector.is_empty())
                 .then(|| generic.node_selector.clone()),
             tolerations: (!generic.tolerations.is_empty()).then(|| generic.tolerations.clone()),
             priority_class_name: generic.priority_class_name.clone(),
             security_context: Some(PodSecurityContext {
-                run_as_user: Some(run_as),
-                run_as_group: Some(run_as),
-                run_as_non_root: Some(run_as != 0),
-                fs_group,
+                run_as_user: Some(0),
+                run_as_group: Some(0),
+                run_as_non_root: Some(false),
                 seccomp_profile: Some(SeccompProfile {
                     type_: "RuntimeDefault".into(),
                     ..Default::default()
@@ -307,11 +390,7 @@ pub fn fill_pod(
                 name: CONTAINER.into(),
                 image: Some(settings.image.clone()),
                 args: Some(args),
-                env: Some(vec![EnvVar {
-                    name: "RUST_LOG".into(),
-                    value: Some("info".into()),
-                    ..Default::default()
-                }]),
+                env: Some(env),
                 resources: Some(resources),
                 volume_mounts: Some(volume_mounts),
                 volume_devices,
@@ -322,46 +401,99 @@ pub fn fill_pod(
                     read_only_root_filesystem: Some(true),
                     capabilities: Some(Capabilities {
                         drop: Some(vec!["ALL".into()]),
-                        ..Default::default()
+                        add,
                     }),
                     ..Default::default()
                 }),
                 ..Default::default()
             }],
-            volumes: Some(vec![
-                Volume {
-                    name: "source".into(),
-                    csi: Some(CSIVolumeSource {
-                        driver: settings.csi_driver.clone(),
-                        read_only: Some(true),
-                        volume_attributes: Some(attributes),
-                        node_publish_secret_ref: secret.map(|s| LocalObjectReference {
-                            name: s.to_string(),
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "target".into(),
-                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                        claim_name: prime_name(uid),
-                        read_only: Some(false),
-                    }),
-                    ..Default::default()
-                },
-            ]),
+            volumes: Some(volumes),
             ..Default::default()
         }),
         status: None,
     }
 }
 
-fn source_mount() -> VolumeMount {
-    VolumeMount {
+fn env_value(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn env_secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: optional.then_some(true),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod's service-account token for STS, refreshed by kubelet (the account's token is
+/// not mounted otherwise).
+fn rrsa_token_volume() -> Volume {
+    Volume {
+        name: "rrsa-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(RRSA_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The node path's source: the bucket through the fillfs CSI driver, read-only.
+fn csi_source_volume(
+    cr: &OSSVolumePopulator,
+    settings: &Settings,
+    mount_path: &str,
+    secret: Option<&str>,
+) -> Volume {
+    let spec = &cr.spec;
+    let mut attributes = BTreeMap::from([
+        ("bucket".to_string(), spec.bucket.clone()),
+        ("path".to_string(), mount_path.to_string()),
+        ("protocol".to_string(), "oss".to_string()),
+    ]);
+    if let Some(e) = &spec.endpoint {
+        attributes.insert("endpoint".into(), e.clone());
+    }
+    if let Some(r) = &spec.region {
+        attributes.insert("region".into(), r.clone());
+    }
+    if let Some(t) = spec.throughput_mib() {
+        attributes.insert("throughput".into(), format!("{t}"));
+    }
+    if let Some(r) = spec.generic.as_ref().and_then(|g| g.rrsa_configs.as_ref()) {
+        attributes.insert("roleArn".into(), r.role_arn.clone());
+        attributes.insert("oidcProviderArn".into(), r.oidc_provider_arn.clone());
+    }
+    Volume {
         name: "source".into(),
-        mount_path: "/source".into(),
-        read_only: Some(true),
+        csi: Some(CSIVolumeSource {
+            driver: settings.csi_driver.clone(),
+            read_only: Some(true),
+            volume_attributes: Some(attributes),
+            node_publish_secret_ref: secret.map(|s| LocalObjectReference {
+                name: s.to_string(),
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

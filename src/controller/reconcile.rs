@@ -1,45 +1,59 @@
 //! One reconcile of one user PVC: the volume-populator state machine, as
-//! lib-volume-populator runs it, driven only by what the API says now (no state in memory,
-//! so a restarted controller carries on).
+//! lib-volume-populator runs it, driven only by what the cluster shows now (no state in
+//! memory, so a restarted controller carries on).
 //!
 //! ```text
 //! not ours ─────────────────────────────────────────────────────────► nothing
-//! being deleted ──► delete pod, PVC', secret ──► drop finalizer
+//! being deleted ──► delete pod, PVC', secret; recount inFlight ──► drop finalizer
 //! bound (volumeName set) ──► ours: delete pod, PVC', secret; "done" + drop finalizer
 //!                            (one patch); never a new PVC' or pod
 //! dataSourceRef in another namespace ──► event + fillfs.io/invalid on the PVC
 //! populator missing ──► event, retry in 30 s (and when it appears)
 //! populator invalid ──► event + Valid=False on the populator (else Valid=True)
-//! claim unusable (no size, Block from a prefix) ──► event + fillfs.io/invalid on the PVC
+//! claim unusable (no size, class "", Block from a prefix) ──► event + fillfs.io/invalid
+//! StorageClass missing ──► event, look again in 30 s
 //! WaitForFirstConsumer without selected node ──► wait
 //! no pod: fillfs.io/failed ──► nothing; fillfs.io/retry-after ahead ──► wait for it
 //!         Secret or its keys missing ──► event, look again in 30 s (nothing written)
-//!         else finalizer ──► PVC' ──► (secret copy) ──► fill pod
-//! pod running ──► progress annotation
+//!         else fill path (placement) ──► finalizer ──► PVC' ──► (secret copy) ──► fill pod
+//! pod not finished ──► why it does not start (events), progress annotation
 //! pod failed ──► decision on the PVC (retry-after, or failed) ──► delete pod ──► event
 //! pod succeeded ──► PV.claimRef := user PVC ──► (PV controller binds it: see "bound")
 //! ```
 //!
+//! Reads come from the controller's reflector stores ([`Stores`]): a reconcile costs API
+//! requests only for what it writes, plus the fill pod's log while a fill runs. Writes
+//! that race the stores (a create whose object the store does not show yet) treat 409
+//! AlreadyExists as done.
+//!
 //! Owns the order of API calls (tests pin it request by request); the objects themselves
-//! come from [`super::objects`].
+//! come from [`super::objects`], the small steps from [`super::claim`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
+    Event as CoreEvent, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
 };
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use k8s_openapi::chrono;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::claim::*;
 use super::crd::OSSVolumePopulator;
+use super::events::{Events, Kind};
 use super::metrics::Metrics;
 use super::objects::{self, *};
+use super::placement::{self, FillPath, PluginSeen};
+use super::pod_state;
+use super::status;
+use crate::populate::ProgressLine;
+
+pub use super::claim::populator_ref;
 
 /// Errors of one reconcile; the controller retries them with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +64,25 @@ pub enum ReconcileError {
     Invalid(String),
 }
 
+/// The reflector stores reconciles read from (the controller's watches fill them).
+#[derive(Clone)]
+pub struct Stores {
+    /// Every PVC: the users' claims and our PVC's.
+    pub claims: Store<PersistentVolumeClaim>,
+    /// Fill pods (the managed-by label) in the controller's namespace.
+    pub pods: Store<Pod>,
+    pub classes: Store<StorageClass>,
+    pub csinodes: Store<CSINode>,
+    pub populators: Store<OSSVolumePopulator>,
+}
+
 /// What a reconcile needs.
 pub struct Context {
     pub client: Client,
     pub settings: Settings,
-    pub recorder: Recorder,
+    pub events: Events,
     pub metrics: Arc<Metrics>,
+    pub stores: Stores,
     /// Fill attempts before a failure is final.
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt.
@@ -64,83 +91,30 @@ pub struct Context {
     pub poll: Duration,
 }
 
-/// The populator a PVC's `dataSourceRef` names, if it names one of ours.
-pub fn populator_ref(pvc: &PersistentVolumeClaim) -> Option<(String, String)> {
-    let r = pvc.spec.as_ref()?.data_source_ref.as_ref()?;
-    if r.api_group.as_deref() != Some(API_GROUP) || r.kind != KIND {
-        return None;
+/// A fill pod pending this long has its own and its PVC's warning events forwarded to
+/// the user's claim (kubelet's FailedMount, the provisioner's ProvisioningFailed, ...).
+pub const FORWARD_EVENTS_AFTER: Duration = Duration::from_secs(60);
+
+impl Context {
+    async fn event(&self, pvc: &PersistentVolumeClaim, kind: Kind, reason: &str, note: String) {
+        self.events.publish(pvc, kind, reason, &note).await;
     }
-    let ns = r
-        .namespace
-        .clone()
-        .or_else(|| pvc.metadata.namespace.clone())?;
-    Some((ns, r.name.clone()))
-}
 
-fn reference(pvc: &PersistentVolumeClaim) -> ObjectReference {
-    pvc.object_ref(&())
-}
-
-async fn event(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Populate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &reference(pvc)).await {
-        tracing::warn!(pvc = %pvc.name_any(), error = %e, "could not publish event");
+    fn ours<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
-}
 
-fn annotation<'a>(pvc: &'a PersistentVolumeClaim, key: &str) -> Option<&'a str> {
-    pvc.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
-}
-
-async fn annotate(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    pairs: serde_json::Value,
-) -> Result<(), kube::Error> {
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    api.patch(
-        &pvc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": pairs}})),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Deletes, treating "already gone" as done.
-async fn delete_quietly<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
+    fn in_ours<K>(&self, store: &Store<K>, name: &str) -> Option<Arc<K>>
+    where
+        K: Resource + Clone,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        store.get(&ObjectRef::new(name).within(&self.settings.namespace))
     }
-}
-
-async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, kube::Error>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    api.get_opt(name).await
 }
 
 /// Reconciles one user PVC.
@@ -148,6 +122,8 @@ pub async fn reconcile(
     pvc: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    ctx.metrics
+        .set_in_flight(status::in_flight_total(&ctx.stores.pods));
     let Some((cr_ns, cr_name)) = populator_ref(&pvc) else {
         return Ok(Action::await_change());
     };
@@ -157,10 +133,23 @@ pub async fn reconcile(
     }
     let uid = pvc.uid().unwrap_or_default();
     let ours = pvc.finalizers().iter().any(|f| f == FINALIZER);
+    let cr = ctx
+        .stores
+        .populators
+        .get(&ObjectRef::new(&cr_name).within(&cr_ns));
     if pvc.meta().deletion_timestamp.is_some() {
         if ours {
-            cleanup(&ctx, &uid).await?;
-            drop_finalizer(&ctx, &pvc, None).await?;
+            cleanup(&ctx.client, &ctx.settings.namespace, &uid).await?;
+            drop_finalizer(&ctx.client, &pvc, None).await?;
+            if let Some(cr) = &cr {
+                let n = status::in_flight_of(
+                    &ctx.stores.pods,
+                    &populator_key(cr),
+                    Some(&pod_name(&uid)),
+                    0,
+                );
+                status::set_in_flight(&ctx, cr, n).await?;
+            }
             tracing::info!(pvc = %format!("{ns}/{}", pvc.name_any()), "PVC deleted; fill cleaned up");
         }
         return Ok(Action::await_change());
@@ -174,7 +163,7 @@ pub async fn reconcile(
         // As in lib-volume-populator: a bound claim has its volume, so the fill is over
         // (or was never ours). Only clean up; never create PVC' or a pod for it again.
         if ours {
-            return finish(&ctx, &pvc, &cr_ns, &cr_name).await;
+            return finish(&ctx, &pvc, cr.as_deref()).await;
         }
         return Ok(Action::await_change());
     }
@@ -187,12 +176,10 @@ pub async fn reconcile(
         return reject_pvc(&ctx, &pvc, &reason).await;
     }
 
-    let crs: Api<OSSVolumePopulator> = Api::namespaced(ctx.client.clone(), &cr_ns);
-    let Some(cr) = get_opt(&crs, &cr_name).await? else {
-        event(
-            &ctx,
+    let Some(cr) = cr else {
+        ctx.event(
             &pvc,
-            EventType::Warning,
+            Kind::Warning,
             "PopulatorNotFound",
             format!("waiting for OSSVolumePopulator {cr_ns}/{cr_name} to exist"),
         )
@@ -200,58 +187,103 @@ pub async fn reconcile(
         return Ok(Action::requeue(Duration::from_secs(30)));
     };
     if let Err(reason) = cr.spec.validate() {
-        event(
-            &ctx,
+        ctx.event(
             &pvc,
-            EventType::Warning,
+            Kind::Warning,
             "InvalidSpec",
             format!("OSSVolumePopulator {cr_ns}/{cr_name}: {reason}"),
         )
         .await;
-        set_valid(&ctx, &cr, Some(&reason)).await?;
+        status::set_valid(&ctx, &cr, Some(&reason)).await?;
         return Ok(Action::await_change());
     }
-    set_valid(&ctx, &cr, None).await?;
+    status::set_valid(&ctx, &cr, None).await?;
     if let Err(reason) = check_pvc(&pvc, &cr) {
         return reject_pvc(&ctx, &pvc, &reason).await;
     }
     if annotation(&pvc, ANN_INVALID).is_some() {
         // Fixed. The patch wakes the next reconcile with the claim as it is now; going on
         // here would write with this copy's (now stale) resourceVersion.
-        annotate(&ctx, &pvc, json!({ ANN_INVALID: null })).await?;
+        annotate(&ctx.client, &pvc, json!({ ANN_INVALID: null })).await?;
         return Ok(Action::await_change());
     }
 
+    let class_name = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone());
+    let class = class_name
+        .as_ref()
+        .map(|c| (c, ctx.stores.classes.get(&ObjectRef::new(c))));
+    if let Some((name, None)) = &class {
+        ctx.event(
+            &pvc,
+            Kind::Warning,
+            "StorageClassNotFound",
+            format!(
+                "StorageClass {name:?} does not exist; the fill starts when it does (looking again every 30s)"
+            ),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
     let selected_node = annotation(&pvc, ANN_SELECTED_NODE).map(str::to_string);
-    if selected_node.is_none() && waits_for_consumer(&ctx, &pvc).await? {
+    let waits = class
+        .and_then(|(_, c)| c)
+        .and_then(|c| c.volume_binding_mode.clone())
+        .as_deref()
+        == Some("WaitForFirstConsumer");
+    if selected_node.is_none() && waits {
         tracing::debug!(pvc = %pvc.name_any(), "waiting for the first consumer");
         return Ok(Action::await_change());
     }
 
-    let ours_ns = &ctx.settings.namespace;
-    let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ours_ns);
-    let prime = get_opt(&primes, &prime_name(&uid)).await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
-    let Some(pod) = get_opt(&pods, &pod_name(&uid)).await? else {
-        return start_fill(&ctx, &pvc, &cr, ours, prime, selected_node.as_deref()).await;
+    let prime = ctx.in_ours(&ctx.stores.claims, &prime_name(&uid));
+    let Some(pod) = ctx.in_ours(&ctx.stores.pods, &pod_name(&uid)) else {
+        return start_fill(
+            &ctx,
+            &pvc,
+            &cr,
+            ours,
+            prime.is_some(),
+            selected_node.as_deref(),
+        )
+        .await;
     };
     if !ours {
-        add_finalizer(&ctx, &pvc).await?;
+        add_finalizer(&ctx.client, &pvc).await?;
     }
     let prime = match prime {
-        Some(p) => p,
+        Some(p) => (*p).clone(),
         None => {
             let p = objects::prime_pvc(&pvc, &cr, &ctx.settings, selected_node.as_deref());
-            primes.create(&PostParams::default(), &p).await?
+            create_prime(&ctx, &pvc, &p).await?;
+            p
         }
     };
     match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
         Some("Succeeded") => rebind(&ctx, &pvc, &cr, &prime).await,
         Some("Failed") => failed(&ctx, &pvc, &cr, &pod).await,
         _ => {
-            report_progress(&ctx, &pvc, &pods, &pod_name(&uid)).await;
+            watch_fill(&ctx, &pvc, &pod, &prime).await;
             Ok(Action::requeue(ctx.poll))
         }
+    }
+}
+
+/// Where the node plugin is registered, for the claim's node or any node.
+fn plugin_seen(ctx: &Context, selected_node: Option<&str>) -> PluginSeen {
+    let has = |n: &CSINode| {
+        n.spec
+            .drivers
+            .iter()
+            .any(|d| d.name == ctx.settings.csi_driver)
+    };
+    match selected_node {
+        Some(node) => PluginSeen::OnSelectedNode(
+            ctx.stores
+                .csinodes
+                .get(&ObjectRef::new(node))
+                .is_some_and(|n| has(&n)),
+        ),
+        None => PluginSeen::OnAnyNode(ctx.stores.csinodes.state().iter().any(|n| has(n))),
     }
 }
 
@@ -262,7 +294,7 @@ async fn start_fill(
     pvc: &PersistentVolumeClaim,
     cr: &OSSVolumePopulator,
     ours: bool,
-    prime: Option<PersistentVolumeClaim>,
+    has_prime: bool,
     selected_node: Option<&str>,
 ) -> Result<Action, ReconcileError> {
     // The decisions `failed` persisted before it deleted the last pod (whose deletion
@@ -274,6 +306,10 @@ async fn start_fill(
     if let Some(wait) = retry_wait(pvc) {
         return Ok(Action::requeue(wait));
     }
+    let choice = match placement::choose(pvc, cr, plugin_seen(ctx, selected_node)) {
+        Ok(c) => c,
+        Err(reason) => return reject_pvc(ctx, pvc, &reason).await,
+    };
     let source = match &cr.spec.credentials_secret_ref {
         Some(r) => match credentials(ctx, pvc, cr, &r.name).await? {
             Some(s) => Some(s),
@@ -283,72 +319,107 @@ async fn start_fill(
         None => None,
     };
     if !ours {
-        add_finalizer(ctx, pvc).await?;
+        add_finalizer(&ctx.client, pvc).await?;
     }
-    let ours_ns = &ctx.settings.namespace;
-    if prime.is_none() {
-        let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ours_ns);
+    if !has_prime {
         let p = objects::prime_pvc(pvc, cr, &ctx.settings, selected_node);
-        primes.create(&PostParams::default(), &p).await?;
+        create_prime(ctx, pvc, &p).await?;
     }
     let secret = match &source {
         Some(src) => Some(copy_secret(ctx, src, pvc, cr).await?),
         None => None,
     };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ours_ns);
     let uid = pvc.uid().unwrap_or_default();
-    let pod = objects::fill_pod(pvc, cr, &ctx.settings, selected_node, secret.as_deref());
-    if let Err(e) = pods.create(&PostParams::default(), &pod).await {
-        // Refused by validation or admission (quota, policy): only the logs would say why,
-        // and the error policy retries it; the claim's events should say it too.
-        if let kube::Error::Api(a) = &e
-            && matches!(a.code, 400 | 403 | 422)
-        {
-            event(
-                ctx,
-                pvc,
-                EventType::Warning,
-                "PodRejected",
-                format!(
-                    "the API server refused the fill pod {ours_ns}/{}: {}",
-                    pod_name(&uid),
-                    a.message
-                ),
-            )
-            .await;
+    let ours_ns = &ctx.settings.namespace;
+    let fill = FillSpec {
+        path: choice.path,
+        selected_node,
+        secret: secret.as_deref(),
+    };
+    let pod = objects::fill_pod(pvc, cr, &ctx.settings, &fill);
+    match ctx.ours::<Pod>().create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        // Created by an earlier reconcile whose pod the store does not show yet.
+        Err(kube::Error::Api(a)) if a.code == 409 => return Ok(Action::requeue(ctx.poll)),
+        Err(e) => {
+            // Refused by validation or admission (quota, policy): the claim says why.
+            if let kube::Error::Api(a) = &e
+                && matches!(a.code, 400 | 403 | 422)
+            {
+                ctx.event(
+                    pvc,
+                    Kind::Warning,
+                    "PodRejected",
+                    format!(
+                        "the API server refused the fill pod {ours_ns}/{}: {}",
+                        pod_name(&uid),
+                        a.message
+                    ),
+                )
+                .await;
+            }
+            return Err(e.into());
         }
-        return Err(e.into());
     }
-    ctx.metrics.in_flight.inc();
-    event(
-        ctx,
+    let source_url = match choice.path {
+        FillPath::Direct => objects::direct_source(cr, is_block(pvc)),
+        FillPath::Node => format!("oss://{}{}", cr.spec.bucket, cr.spec.path),
+    };
+    ctx.event(
         pvc,
-        EventType::Normal,
+        Kind::Normal,
         "FillStarted",
         format!(
-            "filling from oss://{}{} with pod {ours_ns}/{}",
-            cr.spec.bucket,
-            cr.spec.path,
-            pod_name(&uid)
+            "filling from {source_url} with pod {ours_ns}/{} on the {} path: {}",
+            pod_name(&uid),
+            choice.path.as_str(),
+            choice.why
         ),
     )
     .await;
+    let n = status::in_flight_of(
+        &ctx.stores.pods,
+        &populator_key(cr),
+        Some(&pod_name(&uid)),
+        1,
+    );
+    status::set_in_flight(ctx, cr, n).await?;
     Ok(Action::requeue(ctx.poll))
 }
 
-/// How long the backoff of the last transient failure still runs, if it does.
-fn retry_wait(pvc: &PersistentVolumeClaim) -> Option<Duration> {
-    let at = annotation(pvc, ANN_RETRY_AFTER)?;
-    let Ok(at) = chrono::DateTime::parse_from_rfc3339(at) else {
-        tracing::debug!(pvc = %pvc.name_any(), value = at, "unreadable {ANN_RETRY_AFTER}; ignored");
-        return None;
-    };
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
-        .filter(|d| !d.is_zero())
-        // Whole seconds, rounded up: not woken a moment early.
-        .map(|d| Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0)))
+/// Creates PVC'; one created already (the store lagging) is fine, a refusal is reported.
+async fn create_prime(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    prime: &PersistentVolumeClaim,
+) -> Result<(), kube::Error> {
+    match ctx
+        .ours::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), prime)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(a)) if a.code == 409 => Ok(()),
+        Err(e) => {
+            if let kube::Error::Api(a) = &e
+                && matches!(a.code, 400 | 403 | 422)
+            {
+                ctx.event(
+                    pvc,
+                    Kind::Warning,
+                    "PrimeClaimRejected",
+                    format!(
+                        "the API server refused the temporary claim {}/{}: {}",
+                        ctx.settings.namespace,
+                        prime.name_any(),
+                        a.message
+                    ),
+                )
+                .await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// A problem with this claim (not with the populator, which other claims share): an event
@@ -359,118 +430,11 @@ async fn reject_pvc(
     reason: &str,
 ) -> Result<Action, ReconcileError> {
     if annotation(pvc, ANN_INVALID) != Some(reason) {
-        event(
-            ctx,
-            pvc,
-            EventType::Warning,
-            "InvalidClaim",
-            reason.to_string(),
-        )
-        .await;
-        annotate(ctx, pvc, json!({ ANN_INVALID: reason })).await?;
+        ctx.event(pvc, Kind::Warning, "InvalidClaim", reason.to_string())
+            .await;
+        annotate(&ctx.client, pvc, json!({ ANN_INVALID: reason })).await?;
     }
     Ok(Action::await_change())
-}
-
-/// What the user's PVC must look like for a fill from this populator.
-fn check_pvc(pvc: &PersistentVolumeClaim, cr: &OSSVolumePopulator) -> Result<(), String> {
-    let spec = pvc.spec.as_ref().ok_or("the PVC has no spec")?;
-    let size = spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"));
-    if size.is_none() {
-        return Err("the PVC requests no storage size (spec.resources.requests.storage)".into());
-    }
-    match spec.volume_mode.as_deref() {
-        None | Some("Filesystem") => Ok(()),
-        Some("Block") => {
-            let path = &cr.spec.path;
-            if path.ends_with('/') || path.trim_matches('/').is_empty() {
-                Err(format!(
-                    "volumeMode Block takes one disk image written raw, but OSSVolumePopulator {} has the prefix spec.path {path:?}; name an object (e.g. /images/disk.img) or use volumeMode Filesystem",
-                    populator_key(cr)
-                ))
-            } else {
-                Ok(())
-            }
-        }
-        Some(other) => Err(format!("volumeMode {other:?} is not supported")),
-    }
-}
-
-async fn waits_for_consumer(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-) -> Result<bool, kube::Error> {
-    let Some(class) = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone()) else {
-        return Ok(false);
-    };
-    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
-    Ok(get_opt(&classes, &class)
-        .await?
-        .and_then(|c| c.volume_binding_mode)
-        .as_deref()
-        == Some("WaitForFirstConsumer"))
-}
-
-async fn add_finalizer(ctx: &Context, pvc: &PersistentVolumeClaim) -> Result<(), kube::Error> {
-    let mut finalizers = pvc.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_string());
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    api.patch(
-        &pvc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": pvc.resource_version(),
-        }})),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Removes our finalizer, setting `annotations` in the same request: a JSON patch that
-/// tests the finalizer is where this copy of the PVC has it, so it needs no
-/// resourceVersion (which the annotations, or kubelet, may have moved on since).
-async fn drop_finalizer(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    annotations: Option<&[(&str, &str)]>,
-) -> Result<(), kube::Error> {
-    let Some(i) = pvc.finalizers().iter().position(|f| f == FINALIZER) else {
-        return Ok(());
-    };
-    let mut ops = vec![
-        json!({"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER}),
-        json!({"op": "remove", "path": format!("/metadata/finalizers/{i}")}),
-    ];
-    let annotations = annotations.unwrap_or_default();
-    if !annotations.is_empty() && pvc.metadata.annotations.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
-    }
-    for (k, v) in annotations {
-        let key = k.replace('~', "~0").replace('/', "~1");
-        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": v}));
-    }
-    let patch = serde_json::from_value(serde_json::Value::Array(ops))
-        .expect("a JSON patch made of add, remove and test operations");
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    match api
-        .patch(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// The populator's credentials Secret, if it exists and holds an access key. Otherwise an
@@ -483,11 +447,10 @@ async fn credentials(
 ) -> Result<Option<Secret>, kube::Error> {
     let cr_ns = cr.namespace().unwrap_or_default();
     let theirs: Api<Secret> = Api::namespaced(ctx.client.clone(), &cr_ns);
-    let Some(src) = get_opt(&theirs, name).await? else {
-        event(
-            ctx,
+    let Some(src) = theirs.get_opt(name).await? else {
+        ctx.event(
             pvc,
-            EventType::Warning,
+            Kind::Warning,
             "SecretNotFound",
             format!(
                 "credentials Secret {cr_ns}/{name} (spec.credentialsSecretRef of {}) does not exist; looking again in 30s",
@@ -507,10 +470,9 @@ async fn credentials(
         .filter(|k| !has(k))
         .collect();
     if !missing.is_empty() {
-        event(
-            ctx,
+        ctx.event(
             pvc,
-            EventType::Warning,
+            Kind::Warning,
             "SecretInvalid",
             format!(
                 "credentials Secret {cr_ns}/{name} has no {} (it needs akId and akSecret); looking again in 30s",
@@ -531,8 +493,11 @@ async fn copy_secret(
     cr: &OSSVolumePopulator,
 ) -> Result<String, kube::Error> {
     let copy = objects::copied_secret(src, pvc, cr, &ctx.settings);
-    let ours: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match ours.create(&PostParams::default(), &copy).await {
+    match ctx
+        .ours::<Secret>()
+        .create(&PostParams::default(), &copy)
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e),
@@ -540,34 +505,86 @@ async fn copy_secret(
     Ok(copy.metadata.name.unwrap_or_default())
 }
 
-/// The last `--progress json` line the fill printed.
-async fn last_progress(pods: &Api<Pod>, name: &str) -> Option<serde_json::Value> {
+/// The last progress line the fill printed.
+async fn last_progress(ctx: &Context, name: &str) -> Option<ProgressLine> {
     let params = LogParams {
         container: Some(CONTAINER.into()),
         tail_lines: Some(5),
         ..Default::default()
     };
-    let log = pods.logs(name, &params).await.ok()?;
-    log.lines().rev().find_map(|l| {
-        serde_json::from_str::<serde_json::Value>(l)
-            .ok()
-            .filter(|v| v.get("percent").is_some())
-    })
+    let log = ctx.ours::<Pod>().logs(name, &params).await.ok()?;
+    ProgressLine::last_in(&log)
 }
 
-/// Puts the fill's percentage on the PVC.
-async fn report_progress(ctx: &Context, pvc: &PersistentVolumeClaim, pods: &Api<Pod>, name: &str) {
-    let Some(percent) = last_progress(pods, name)
-        .await
-        .and_then(|v| v["percent"].as_f64())
-    else {
+fn age(pod: &Pod) -> Duration {
+    pod.metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| (chrono::Utc::now() - t.0).to_std().ok())
+        .unwrap_or_default()
+}
+
+/// A fill that has not finished: why it does not start, if it does not; its progress on
+/// the claim when it runs.
+async fn watch_fill(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    pod: &Pod,
+    prime: &PersistentVolumeClaim,
+) {
+    if let Some((reason, note)) = pod_state::not_starting(pod) {
+        ctx.event(pvc, Kind::Warning, reason, note).await;
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase != Some("Running") {
+        if age(pod) >= FORWARD_EVENTS_AFTER {
+            forward_warnings(ctx, pvc, pod, prime).await;
+        }
+        return;
+    }
+    let Some(line) = last_progress(ctx, &pod.name_any()).await else {
         return;
     };
-    let shown = format!("{percent:.1}%");
+    let shown = format!("{:.1}%", line.percent);
     if annotation(pvc, ANN_PROGRESS) != Some(shown.as_str())
-        && let Err(e) = annotate(ctx, pvc, json!({ ANN_PROGRESS: shown })).await
+        && let Err(e) = annotate(&ctx.client, pvc, json!({ ANN_PROGRESS: shown })).await
     {
         tracing::debug!(error = %e, "could not annotate progress");
+    }
+}
+
+/// The warning events of a pending fill pod and of PVC' (FailedMount, FailedScheduling,
+/// ProvisioningFailed, ...), repeated on the user's claim: nobody looks in our namespace.
+async fn forward_warnings(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    pod: &Pod,
+    prime: &PersistentVolumeClaim,
+) {
+    let events = ctx.ours::<CoreEvent>();
+    for (what, uid) in [
+        (format!("fill pod {}", pod.name_any()), pod.uid()),
+        (format!("temporary claim {}", prime.name_any()), prime.uid()),
+    ] {
+        let Some(uid) = uid else { continue };
+        let params =
+            ListParams::default().fields(&format!("involvedObject.uid={uid},type=Warning"));
+        let list = match events.list(&params).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not list events of {what}");
+                continue;
+            }
+        };
+        for e in list.items {
+            let reason = e.reason.unwrap_or_else(|| "Warning".into());
+            let note = format!(
+                "{what} in {}: {}",
+                ctx.settings.namespace,
+                e.message.unwrap_or_default()
+            );
+            ctx.event(pvc, Kind::Warning, &reason, note).await;
+        }
     }
 }
 
@@ -581,7 +598,7 @@ async fn failed(
     pod: &Pod,
 ) -> Result<Action, ReconcileError> {
     let uid = pvc.uid().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let pods = ctx.ours::<Pod>();
     let pod_uid = pod.uid().unwrap_or_default();
     if annotation(pvc, ANN_FAILED_POD) == Some(pod_uid.as_str()) {
         // Decided already; only the deletion did not happen (or not yet show).
@@ -591,28 +608,19 @@ async fn failed(
         }
         return Ok(Action::requeue(retry_wait(pvc).unwrap_or(ctx.poll)));
     }
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.iter().find(|c| c.name == CONTAINER))
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.terminated.as_ref());
-    let exit = terminated.map_or(-1, |t| t.exit_code);
-    let message = terminated
-        .and_then(|t| t.message.clone())
-        .unwrap_or_else(|| "no termination message".into());
-    let message = message
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
+    let ending = pod_state::ending(pod);
+    let message = ending.message;
+    let exit = ending
+        .exit
+        .map_or("the fill did not run to an exit".to_string(), |c| {
+            format!("exit {c}")
+        });
     let attempts = annotation(pvc, ANN_ATTEMPTS)
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0)
         + 1;
-    let permanent = exit == EXIT_PERMANENT || attempts >= ctx.max_attempts;
+    let cannot_succeed = ending.exit == Some(EXIT_PERMANENT);
+    let permanent = cannot_succeed || attempts >= ctx.max_attempts;
     let delay = ctx.retry_base * 2u32.saturating_pow(attempts - 1);
     let decision = if permanent {
         json!({
@@ -630,42 +638,47 @@ async fn failed(
             ANN_FAILED_POD: pod_uid,
         })
     };
-    annotate(ctx, pvc, decision).await?;
+    annotate(&ctx.client, pvc, decision).await?;
     delete_quietly(&pods, &pod_name(&uid)).await?;
-    ctx.metrics.fill_ended();
+    let in_flight = status::in_flight_of(
+        &ctx.stores.pods,
+        &populator_key(cr),
+        Some(&pod_name(&uid)),
+        0,
+    );
     if permanent {
-        let why = if exit == EXIT_PERMANENT {
+        let why = if cannot_succeed {
             "cannot succeed".to_string()
         } else {
             format!("failed {attempts} times")
         };
-        event(
-            ctx,
+        ctx.event(
             pvc,
-            EventType::Warning,
+            Kind::Warning,
             "FillFailed",
             format!(
-                "fill {why}, giving up (remove the annotation {ANN_FAILED} to try again): {message}"
+                "attempt {attempts} of {}: {exit}: {message}; the fill {why}, giving up (remove the annotation {ANN_FAILED} to try again)",
+                ctx.max_attempts
             ),
         )
         .await;
         ctx.metrics.finished("failed", None, None);
-        bump_status(ctx, cr, false).await?;
+        status::count_finished(ctx, cr, false, in_flight).await?;
         return Ok(Action::await_change());
     }
-    event(
-        ctx,
+    ctx.event(
         pvc,
-        EventType::Warning,
+        Kind::Warning,
         "FillFailed",
         format!(
-            "attempt {attempts} of {} failed (exit {exit}): {message}; retrying in {}",
+            "attempt {attempts} of {} failed ({exit}): {message}; retrying in {}",
             ctx.max_attempts,
             humantime::format_duration(delay)
         ),
     )
     .await;
     ctx.metrics.retries.inc();
+    status::set_in_flight(ctx, cr, in_flight).await?;
     Ok(Action::requeue(delay))
 }
 
@@ -722,29 +735,25 @@ async fn rebind(
 async fn finish(
     ctx: &Context,
     pvc: &PersistentVolumeClaim,
-    cr_ns: &str,
-    cr_name: &str,
+    cr: Option<&OSSVolumePopulator>,
 ) -> Result<Action, ReconcileError> {
     let uid = pvc.uid().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let pod = get_opt(&pods, &pod_name(&uid)).await?;
-    let (bytes, seconds) = match &pod {
-        Some(p) => fill_summary(ctx, p).await,
-        None => (None, None),
+    let pod = ctx.in_ours(&ctx.stores.pods, &pod_name(&uid));
+    let line = match &pod {
+        Some(p) => last_progress(ctx, &p.name_any()).await,
+        None => None,
     };
-    cleanup(ctx, &uid).await?;
-    drop_finalizer(ctx, pvc, Some(&[(ANN_PROGRESS, "done")])).await?;
-    ctx.metrics.fill_ended();
-    ctx.metrics.finished("succeeded", bytes, seconds);
-    let crs: Api<OSSVolumePopulator> = Api::namespaced(ctx.client.clone(), cr_ns);
-    let cr = get_opt(&crs, cr_name).await?;
-    let source = cr.as_ref().map_or(String::new(), |cr| {
+    cleanup(&ctx.client, &ctx.settings.namespace, &uid).await?;
+    drop_finalizer(&ctx.client, pvc, Some(&[(ANN_PROGRESS, "done")])).await?;
+    let bytes = line.as_ref().map(|l| l.bytes_done);
+    ctx.metrics
+        .finished("succeeded", bytes, line.as_ref().map(|l| l.elapsed_s));
+    let source = cr.map_or(String::new(), |cr| {
         format!(" from oss://{}{}", cr.spec.bucket, cr.spec.path)
     });
-    event(
-        ctx,
+    ctx.event(
         pvc,
-        EventType::Normal,
+        Kind::Normal,
         "Populated",
         format!(
             "filled{source}{}",
@@ -756,124 +765,15 @@ async fn finish(
     )
     .await;
     if let Some(cr) = cr {
-        bump_status(ctx, &cr, true).await?;
+        let n = status::in_flight_of(
+            &ctx.stores.pods,
+            &populator_key(cr),
+            Some(&pod_name(&uid)),
+            0,
+        );
+        status::count_finished(ctx, cr, true, n).await?;
     }
     Ok(Action::await_change())
-}
-
-/// Bytes and seconds of a finished fill, from its last progress line.
-async fn fill_summary(ctx: &Context, pod: &Pod) -> (Option<u64>, Option<f64>) {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    match last_progress(&pods, &pod.name_any()).await {
-        Some(v) => (v["bytes_done"].as_u64(), v["elapsed_s"].as_f64()),
-        None => (None, None),
-    }
-}
-
-/// Deletes the pod, PVC' and the secret copy of one fill.
-async fn cleanup(ctx: &Context, uid: &str) -> Result<(), kube::Error> {
-    let ns = &ctx.settings.namespace;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    delete_quietly(&pods, &pod_name(uid)).await?;
-    let primes: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    delete_quietly(&primes, &prime_name(uid)).await?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    delete_quietly(&secrets, &secret_name(uid)).await?;
-    Ok(())
-}
-
-/// Counts a finished fill on the populator's status and recounts fills in flight (fill
-/// pods annotated with this populator). Fills of many claims end concurrently, so the
-/// count is written with the resourceVersion it was read at, and read again on a conflict.
-async fn bump_status(ctx: &Context, cr: &OSSVolumePopulator, ok: bool) -> Result<(), kube::Error> {
-    let key = populator_key(cr);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
-    let in_flight = pods
-        .list(&ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=fillfs")))
-        .await?
-        .items
-        .iter()
-        .filter(|p| {
-            p.annotations().get(ANN_POPULATOR) == Some(&key)
-                && !matches!(
-                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Succeeded" | "Failed")
-                )
-        })
-        .count();
-    let crs: Api<OSSVolumePopulator> =
-        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    let mut cr = cr.clone();
-    for _ in 0..5 {
-        let status = cr.status.clone().unwrap_or_default();
-        let counts = if ok {
-            json!({"succeeded": status.succeeded + 1, "inFlight": in_flight})
-        } else {
-            json!({"failed": status.failed + 1, "inFlight": in_flight})
-        };
-        let patch = json!({
-            "metadata": {"resourceVersion": cr.resource_version()},
-            "status": counts,
-        });
-        match crs
-            .patch_status(
-                &cr.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
-            Err(kube::Error::Api(e)) if e.code == 409 => cr = crs.get(&cr.name_any()).await?,
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            other => return other.map(|_| ()),
-        }
-    }
-    tracing::warn!(populator = %key, "status count lost to conflicting updates");
-    Ok(())
-}
-
-/// Sets the populator's `Valid` condition (false with the reason, or true).
-async fn set_valid(
-    ctx: &Context,
-    cr: &OSSVolumePopulator,
-    problem: Option<&str>,
-) -> Result<(), kube::Error> {
-    let (status, reason, message) = match problem {
-        Some(m) => ("False", "InvalidSpec", m.to_string()),
-        None => ("True", "Valid", String::new()),
-    };
-    let current = cr
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"));
-    let generation = cr.meta().generation;
-    if current.is_some_and(|c| {
-        c.status == status && c.message == message && c.observed_generation == generation
-    }) {
-        return Ok(());
-    }
-    let crs: Api<OSSVolumePopulator> =
-        Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
-    // The transition time moves only when the status does.
-    let since = match current {
-        Some(c) if c.status == status => c.last_transition_time.0,
-        _ => chrono::Utc::now(),
-    }
-    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    crs.patch_status(
-        &cr.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"conditions": [{
-            "type": "Valid",
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": since,
-            "observedGeneration": generation,
-        }]}})),
-    )
-    .await?;
-    Ok(())
 }
 
 /// The error policy: log, and retry after a pause.

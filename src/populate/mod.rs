@@ -24,7 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::error::{Error, Result};
 use crate::limit::RateLimiter;
 use crate::store::{Store, StoreConfig};
-pub use progress::ProgressMode;
+pub use progress::{ProgressLine, ProgressMode};
 
 #[derive(Debug, Clone)]
 pub struct PopulateOptions {
@@ -44,6 +44,10 @@ pub struct PopulateOptions {
     pub gid: Option<u32>,
     pub file_mode: u32,
     pub dir_mode: u32,
+    /// Mode (and, with `uid`/`gid`, owner) given to TARGET itself: set when the caller
+    /// asked for a directory mode (`--dir-mode`), so a volume's consumers of any uid can
+    /// write in its root. `None` leaves TARGET as it is.
+    pub root_mode: Option<u32>,
     pub skip_invalid_keys: bool,
     /// Flush the target file system before reporting success. Off by default: the fill's
     /// consumer unmounts the volume (which flushes) before using it, and the journal
@@ -108,6 +112,27 @@ fn already_present(target: &std::path::Path, f: &plan::FileJob) -> bool {
     })
 }
 
+/// Gives TARGET the mode (and owner) asked for. A failure is logged, not fatal: the data
+/// is right either way, and the log says what consumers will not be able to do.
+fn set_root_attributes(target: &std::path::Path, mode: u32, uid: Option<u32>, gid: Option<u32>) {
+    if uid.is_some() || gid.is_some() {
+        if let Err(e) = std::os::unix::fs::chown(target, uid, gid) {
+            tracing::warn!(target = %target.display(), ?uid, ?gid, error = %e, "could not give the target directory its owner");
+        }
+    }
+    match std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => {
+            tracing::info!(target = %target.display(), mode = %format!("{mode:04o}"), "target directory mode set")
+        }
+        Err(e) => tracing::warn!(
+            target = %target.display(),
+            mode = %format!("{mode:04o}"),
+            error = %e,
+            "could not set the target directory's mode (only its owner or root can); consumers may not be able to write in it"
+        ),
+    }
+}
+
 /// Runs a fill on its own runtime.
 pub fn run(opts: &PopulateOptions) -> Result<Summary> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -136,6 +161,10 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     if !target.is_dir() {
         std::fs::create_dir(target)
             .map_err(|e| Error::InvalidOption(format!("target {}: {e}", target.display())))?;
+    }
+
+    if let Some(mode) = opts.root_mode {
+        set_root_attributes(target, mode, opts.uid, opts.gid);
     }
 
     let listing = store.list_recursive().await?;

@@ -45,6 +45,35 @@ impl std::fmt::Display for CheckCounts {
     }
 }
 
+/// One `--progress json` line: what `fillfs populate` prints once a second and the volume
+/// populator controller reads back from the fill pod's log. One type on both sides.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProgressLine {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    /// Of `bytes_total`, one decimal.
+    pub percent: f64,
+    pub rate_mib_s: f64,
+    pub elapsed_s: f64,
+    /// The last line of a fill that succeeded.
+    pub done: bool,
+}
+
+impl ProgressLine {
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("a progress line serializes")
+    }
+
+    /// The last progress line in a log (other lines, such as log messages, are skipped).
+    pub fn last_in(log: &str) -> Option<ProgressLine> {
+        log.lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<ProgressLine>(l.trim()).ok())
+    }
+}
+
 #[derive(Debug)]
 pub struct Progress {
     pub bytes_total: u64,
@@ -103,17 +132,21 @@ impl Progress {
     /// One machine-readable line.
     pub fn json_line(&self, done: bool) -> String {
         let (bytes, files, rate) = self.snapshot();
-        serde_json::json!({
-            "bytes_done": bytes,
-            "bytes_total": self.bytes_total,
-            "files_done": files,
-            "files_total": self.files_total,
-            "percent": if self.bytes_total == 0 { 100.0 } else { (bytes as f64 * 1000.0 / self.bytes_total as f64).round() / 10.0 },
-            "rate_mib_s": (rate * 10.0).round() / 10.0,
-            "elapsed_s": (self.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-            "done": done,
-        })
-        .to_string()
+        ProgressLine {
+            bytes_done: bytes,
+            bytes_total: self.bytes_total,
+            files_done: files,
+            files_total: self.files_total,
+            percent: if self.bytes_total == 0 {
+                100.0
+            } else {
+                (bytes as f64 * 1000.0 / self.bytes_total as f64).round() / 10.0
+            },
+            rate_mib_s: (rate * 10.0).round() / 10.0,
+            elapsed_s: (self.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            done,
+        }
+        .to_line()
     }
 
     fn bar_line(&self) -> String {
