@@ -35,7 +35,11 @@ pub fn effective_user(pod: &PodSpec, c: &Container) -> (i64, i64) {
     let psc = pod.security_context.as_ref();
     let image = c.image.as_deref().unwrap_or_default();
     // busybox images set no USER: root.
-    let busybox = image.rsplit('/').next().unwrap_or_default().starts_with("busybox:");
+    let busybox = image
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .starts_with("busybox:");
     let default = if image.starts_with(OUR_IMAGE) {
         Some(dockerfile_user())
     } else if busybox {
