@@ -111,6 +111,12 @@ pub fn choose(
     })
 }
 
+/// The override annotations' problem, if any (checked with the claim, before anything is
+/// created, so a bad value is reported once as the claim's problem).
+pub fn check_override(pvc: &PersistentVolumeClaim, cr: &OSSVolumePopulator) -> Result<(), String> {
+    choose(pvc, cr, PluginSeen::OnAnyNode(true)).map(|_| ())
+}
+
 /// Why the populator's placement puts fill pods on virtual (serverless) nodes, if it does.
 pub fn virtual_placement(cr: &OSSVolumePopulator) -> Option<String> {
     let g = cr.spec.generic.as_ref()?;

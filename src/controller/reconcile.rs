@@ -198,7 +198,7 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
     status::set_valid(&ctx, &cr, None).await?;
-    if let Err(reason) = check_pvc(&pvc, &cr) {
+    if let Err(reason) = check_pvc(&pvc, &cr).and_then(|()| placement::check_override(&pvc, &cr)) {
         return reject_pvc(&ctx, &pvc, &reason).await;
     }
     if annotation(&pvc, ANN_INVALID).is_some() {
@@ -365,12 +365,17 @@ async fn start_fill(
         FillPath::Direct => objects::direct_source(cr, is_block(pvc)),
         FillPath::Node => format!("oss://{}{}", cr.spec.bucket, cr.spec.path),
     };
+    let attempt = annotation(pvc, ANN_ATTEMPTS)
+        .and_then(|a| a.parse::<u32>().ok())
+        .unwrap_or(0)
+        + 1;
     ctx.event(
         pvc,
         Kind::Normal,
         "FillStarted",
         format!(
-            "filling from {source_url} with pod {ours_ns}/{} on the {} path: {}",
+            "attempt {attempt} of {}: filling from {source_url} with pod {ours_ns}/{} on the {} path: {}",
+            ctx.max_attempts,
             pod_name(&uid),
             choice.path.as_str(),
             choice.why
