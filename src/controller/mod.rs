@@ -5,6 +5,8 @@
 //! - [`objects`]: PVC', the fill pod and the secret copy, built as values.
 //! - [`reconcile`]: the state machine for one user PVC, one API call at a time.
 //! - [`claim`]: the small steps on a claim (annotations, finalizer, deletes).
+//! - [`credentials`]: the populator's access-key Secret, checked and copied.
+//! - [`fill_watch`]: a running fill's progress, and why a fill pod does not start.
 //! - [`pod_state`]: what a fill pod's status says, in words.
 //! - [`status`]: the populator's `Valid` condition and fill counts.
 //! - [`events`]: events on the claim, every distinct note.
@@ -18,7 +20,9 @@
 
 pub mod claim;
 pub mod crd;
+pub mod credentials;
 pub mod events;
+pub mod fill_watch;
 pub mod metrics;
 pub mod objects;
 pub mod placement;

@@ -32,12 +32,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{
-    Event as CoreEvent, PersistentVolume, PersistentVolumeClaim, Pod, Secret,
-};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use k8s_openapi::chrono;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
@@ -45,13 +43,14 @@ use serde_json::json;
 
 use super::claim::*;
 use super::crd::OSSVolumePopulator;
+use super::credentials::{copy_secret, credentials};
 use super::events::{Events, Kind};
+use super::fill_watch::{last_progress, watch_fill};
 use super::metrics::Metrics;
 use super::objects::{self, *};
 use super::placement::{self, FillPath, PluginSeen};
 use super::pod_state;
 use super::status;
-use crate::populate::ProgressLine;
 
 pub use super::claim::populator_ref;
 
@@ -91,16 +90,18 @@ pub struct Context {
     pub poll: Duration,
 }
 
-/// A fill pod pending this long has its own and its PVC's warning events forwarded to
-/// the user's claim (kubelet's FailedMount, the provisioner's ProvisioningFailed, ...).
-pub const FORWARD_EVENTS_AFTER: Duration = Duration::from_secs(60);
-
 impl Context {
-    async fn event(&self, pvc: &PersistentVolumeClaim, kind: Kind, reason: &str, note: String) {
+    pub(super) async fn event(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        kind: Kind,
+        reason: &str,
+        note: String,
+    ) {
         self.events.publish(pvc, kind, reason, &note).await;
     }
 
-    fn ours<K>(&self) -> Api<K>
+    pub(super) fn ours<K>(&self) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         K::DynamicType: Default,
@@ -108,7 +109,7 @@ impl Context {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
     }
 
-    fn in_ours<K>(&self, store: &Store<K>, name: &str) -> Option<Arc<K>>
+    pub(super) fn in_ours<K>(&self, store: &Store<K>, name: &str) -> Option<Arc<K>>
     where
         K: Resource + Clone,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -440,157 +441,6 @@ async fn reject_pvc(
         annotate(&ctx.client, pvc, json!({ ANN_INVALID: reason })).await?;
     }
     Ok(Action::await_change())
-}
-
-/// The populator's credentials Secret, if it exists and holds an access key. Otherwise an
-/// event says what is missing (key names only, never values) and `None`.
-async fn credentials(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    cr: &OSSVolumePopulator,
-    name: &str,
-) -> Result<Option<Secret>, kube::Error> {
-    let cr_ns = cr.namespace().unwrap_or_default();
-    let theirs: Api<Secret> = Api::namespaced(ctx.client.clone(), &cr_ns);
-    let Some(src) = theirs.get_opt(name).await? else {
-        ctx.event(
-            pvc,
-            Kind::Warning,
-            "SecretNotFound",
-            format!(
-                "credentials Secret {cr_ns}/{name} (spec.credentialsSecretRef of {}) does not exist; looking again in 30s",
-                populator_key(cr)
-            ),
-        )
-        .await;
-        return Ok(None);
-    };
-    let has = |k: &str| {
-        src.data
-            .as_ref()
-            .is_some_and(|d| d.get(k).is_some_and(|v| !v.0.is_empty()))
-    };
-    let missing: Vec<&str> = ["akId", "akSecret"]
-        .into_iter()
-        .filter(|k| !has(k))
-        .collect();
-    if !missing.is_empty() {
-        ctx.event(
-            pvc,
-            Kind::Warning,
-            "SecretInvalid",
-            format!(
-                "credentials Secret {cr_ns}/{name} has no {} (it needs akId and akSecret); looking again in 30s",
-                missing.join(" and ")
-            ),
-        )
-        .await;
-        return Ok(None);
-    }
-    Ok(Some(src))
-}
-
-/// Copies the populator's credentials Secret next to the fill pod; returns the copy's name.
-async fn copy_secret(
-    ctx: &Context,
-    src: &Secret,
-    pvc: &PersistentVolumeClaim,
-    cr: &OSSVolumePopulator,
-) -> Result<String, kube::Error> {
-    let copy = objects::copied_secret(src, pvc, cr, &ctx.settings);
-    match ctx
-        .ours::<Secret>()
-        .create(&PostParams::default(), &copy)
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(e),
-    }
-    Ok(copy.metadata.name.unwrap_or_default())
-}
-
-/// The last progress line the fill printed.
-async fn last_progress(ctx: &Context, name: &str) -> Option<ProgressLine> {
-    let params = LogParams {
-        container: Some(CONTAINER.into()),
-        tail_lines: Some(5),
-        ..Default::default()
-    };
-    let log = ctx.ours::<Pod>().logs(name, &params).await.ok()?;
-    ProgressLine::last_in(&log)
-}
-
-fn age(pod: &Pod) -> Duration {
-    pod.metadata
-        .creation_timestamp
-        .as_ref()
-        .and_then(|t| (chrono::Utc::now() - t.0).to_std().ok())
-        .unwrap_or_default()
-}
-
-/// A fill that has not finished: why it does not start, if it does not; its progress on
-/// the claim when it runs.
-async fn watch_fill(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    pod: &Pod,
-    prime: &PersistentVolumeClaim,
-) {
-    if let Some((reason, note)) = pod_state::not_starting(pod) {
-        ctx.event(pvc, Kind::Warning, reason, note).await;
-    }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase != Some("Running") {
-        if age(pod) >= FORWARD_EVENTS_AFTER {
-            forward_warnings(ctx, pvc, pod, prime).await;
-        }
-        return;
-    }
-    let Some(line) = last_progress(ctx, &pod.name_any()).await else {
-        return;
-    };
-    let shown = format!("{:.1}%", line.percent);
-    if annotation(pvc, ANN_PROGRESS) != Some(shown.as_str())
-        && let Err(e) = annotate(&ctx.client, pvc, json!({ ANN_PROGRESS: shown })).await
-    {
-        tracing::debug!(error = %e, "could not annotate progress");
-    }
-}
-
-/// The warning events of a pending fill pod and of PVC' (FailedMount, FailedScheduling,
-/// ProvisioningFailed, ...), repeated on the user's claim: nobody looks in our namespace.
-async fn forward_warnings(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    pod: &Pod,
-    prime: &PersistentVolumeClaim,
-) {
-    let events = ctx.ours::<CoreEvent>();
-    for (what, uid) in [
-        (format!("fill pod {}", pod.name_any()), pod.uid()),
-        (format!("temporary claim {}", prime.name_any()), prime.uid()),
-    ] {
-        let Some(uid) = uid else { continue };
-        let params =
-            ListParams::default().fields(&format!("involvedObject.uid={uid},type=Warning"));
-        let list = match events.list(&params).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(error = %e, "could not list events of {what}");
-                continue;
-            }
-        };
-        for e in list.items {
-            let reason = e.reason.unwrap_or_else(|| "Warning".into());
-            let note = format!(
-                "{what} in {}: {}",
-                ctx.settings.namespace,
-                e.message.unwrap_or_default()
-            );
-            ctx.event(pvc, Kind::Warning, &reason, note).await;
-        }
-    }
 }
 
 /// The fill pod failed: retry with backoff, or give up. The decision goes onto the PVC

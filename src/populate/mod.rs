@@ -115,10 +115,10 @@ fn already_present(target: &std::path::Path, f: &plan::FileJob) -> bool {
 /// Gives TARGET the mode (and owner) asked for. A failure is logged, not fatal: the data
 /// is right either way, and the log says what consumers will not be able to do.
 fn set_root_attributes(target: &std::path::Path, mode: u32, uid: Option<u32>, gid: Option<u32>) {
-    if uid.is_some() || gid.is_some() {
-        if let Err(e) = std::os::unix::fs::chown(target, uid, gid) {
-            tracing::warn!(target = %target.display(), ?uid, ?gid, error = %e, "could not give the target directory its owner");
-        }
+    if (uid.is_some() || gid.is_some())
+        && let Err(e) = std::os::unix::fs::chown(target, uid, gid)
+    {
+        tracing::warn!(target = %target.display(), ?uid, ?gid, error = %e, "could not give the target directory its owner");
     }
     match std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode)) {
         Ok(()) => {
