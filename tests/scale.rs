@@ -25,6 +25,11 @@
 //! other fills run and are polled, which is when waking them would cost a log read each.
 //! The `every_status_write_wakes_every_claim` run wires the populator watch as it was
 //! before (no predicate) and shows the growth this test guards against.
+//!
+//! The burst runs put all claims at the same instant and reconcile the claims due at an
+//! instant concurrently, from stores that see a round's writes only after it: requests stay
+//! linear, but the populator's shared status does not add up (`a_burst_of_claims_is_counted`,
+//! ignored until the controller is fixed). Results: bench/results/controller-scale.md.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -39,7 +44,7 @@ use fillfs::controller::crd::OSSVolumePopulator;
 use fillfs::controller::events::Events;
 use fillfs::controller::metrics::Metrics;
 use fillfs::controller::objects::{self, Settings};
-use fillfs::controller::reconcile::{Context, Stores, populator_ref, reconcile};
+use fillfs::controller::reconcile::{Context, ReconcileError, Stores, populator_ref, reconcile};
 use fillfs::populate::ProgressLine;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
@@ -395,6 +400,20 @@ impl State {
             (&Method::PATCH, _, _) if ctype.contains("json-patch") => {
                 format!("PATCH {} (JSON patch)", route.kind())
             }
+            // The populator's status, by what the write is for.
+            (&Method::PATCH, _, Some("status")) => {
+                let patch: Value = serde_json::from_slice(body).unwrap_or_default();
+                let what = if patch["status"]["conditions"].is_array() {
+                    "Valid"
+                } else if patch["status"]["succeeded"].is_number()
+                    || patch["status"]["failed"].is_number()
+                {
+                    "count"
+                } else {
+                    "inFlight"
+                };
+                format!("PATCH {} ({what})", route.kind())
+            }
             _ => format!("{method} {}", route.kind()),
         };
         *self.counts.entry(label).or_default() += 1;
@@ -649,6 +668,11 @@ struct Run {
     counts: BTreeMap<String, u64>,
     reconciles: u64,
     wall: Duration,
+    /// The populator's final `status.succeeded` and `status.inFlight`.
+    succeeded: u64,
+    in_flight: u64,
+    /// Halfway through the last claim's fill: (fill pods running, `status.inFlight`).
+    mid_fill: (u64, u64),
 }
 
 impl Run {
@@ -679,10 +703,31 @@ struct Sim {
     seen: HashSet<String>,
     reconciles: u64,
     errors: Vec<String>,
+    mode: Mode,
+    /// When to compare `inFlight` with the pods, and what it showed then.
+    sample_at: u64,
+    mid_fill: Option<(u64, u64)>,
+}
+
+/// How claims arrive and how the controller gets to them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// Claims [`GAP_MS`] apart; reconciles one at a time, each seeing what the ones before
+    /// it wrote (the watch delivers before the next reconcile runs).
+    Staggered,
+    /// All claims at once, so every step of every fill happens at the same instant; the
+    /// claims due at an instant are reconciled concurrently (kube-runtime's default is no
+    /// concurrency limit) from the stores as they were when the round began, and the
+    /// stores see the round's writes only after it (a watch lagging one round).
+    Burst,
 }
 
 impl Sim {
     async fn new(populator: Value, watch: PopulatorWatch) -> Sim {
+        Sim::with_mode(populator, watch, Mode::Staggered).await
+    }
+
+    async fn with_mode(populator: Value, watch: PopulatorWatch, mode: Mode) -> Sim {
         let state = Arc::new(Mutex::new(State::default()));
         let client = kube::Client::new(FakeApi(state.clone()), "default");
         let (claims, claims_w) = reflector::store();
@@ -724,6 +769,9 @@ impl Sim {
             seen: HashSet::new(),
             reconciles: 0,
             errors: Vec::new(),
+            mode,
+            sample_at: u64::MAX,
+            mid_fill: None,
         };
         // What exists before the first claim: the populator, an Immediate StorageClass,
         // and a node with the fillfs node plugin.
@@ -975,15 +1023,8 @@ impl Sim {
         }
     }
 
-    /// One reconcile of the claim "ns/name", as the controller's runner does it: the object
-    /// from the store (none: nothing to do), then the next schedule entry from the action.
-    async fn reconcile_one(&mut self, key: String, now: u64) {
-        let (ns, name) = key.split_once('/').unwrap();
-        let Some(pvc) = self.ctx.stores.claims.get(&ObjectRef::new(name).within(ns)) else {
-            return;
-        };
-        self.reconciles += 1;
-        let result = reconcile(pvc, self.ctx.clone()).await;
+    /// The next schedule entry of `key` after its reconcile ended with `result`.
+    fn reconciled(&mut self, key: String, result: Result<Action, ReconcileError>, now: u64) {
         let after = match result {
             Ok(a) if a == Action::await_change() => None,
             Ok(a) => Some(
@@ -1002,9 +1043,6 @@ impl Sim {
                 Some(Duration::from_secs(15))
             }
         };
-        // The watch delivers what this reconcile wrote before the next one runs.
-        let triggers = self.sync(now);
-        self.trigger(triggers, now);
         if let Some(d) = after {
             let t = now + d.as_millis() as u64;
             let e = self.due.entry(key).or_insert(t);
@@ -1012,10 +1050,72 @@ impl Sim {
         }
     }
 
+    /// The claim as the runner hands it to `reconcile`: from the store (gone: nothing to do).
+    fn from_store(&self, key: &str) -> Option<Arc<PersistentVolumeClaim>> {
+        let (ns, name) = key.split_once('/').unwrap();
+        self.ctx.stores.claims.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// One reconcile of the claim "ns/name", as the controller's runner does it: the object
+    /// from the store, then the next schedule entry from the action.
+    async fn reconcile_one(&mut self, key: String, now: u64) {
+        let Some(pvc) = self.from_store(&key) else {
+            return;
+        };
+        self.reconciles += 1;
+        let result = reconcile(pvc, self.ctx.clone()).await;
+        // The watch delivers what this reconcile wrote before the next one runs.
+        let triggers = self.sync(now);
+        self.trigger(triggers, now);
+        self.reconciled(key, result, now);
+    }
+
+    /// Every claim due now, reconciled concurrently from the stores as they are; the
+    /// stores see the writes when all are done.
+    async fn reconcile_round(&mut self, keys: Vec<String>, now: u64) {
+        let work: Vec<(String, Arc<PersistentVolumeClaim>)> = keys
+            .into_iter()
+            .filter_map(|k| self.from_store(&k).map(|p| (k, p)))
+            .collect();
+        self.reconciles += work.len() as u64;
+        let results = futures::future::join_all(
+            work.iter()
+                .map(|(_, pvc)| reconcile(pvc.clone(), self.ctx.clone())),
+        )
+        .await;
+        let triggers = self.sync(now);
+        self.trigger(triggers, now);
+        for ((key, _), result) in work.into_iter().zip(results) {
+            self.reconciled(key, result, now);
+        }
+    }
+
+    /// (fill pods running, the populator's `inFlight`).
+    fn in_flight_now(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        let running = s
+            .objects
+            .iter()
+            .filter(|(k, v)| {
+                k.contains(&format!("/namespaces/{OURS}/pods/"))
+                    && !matches!(v["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+            })
+            .count() as u64;
+        let shown = s.objects[&cr_path(POPULATOR)]["status"]["inFlight"]
+            .as_u64()
+            .unwrap_or(0);
+        (running, shown)
+    }
+
     async fn run(mut self, n: usize) -> Run {
         let started = Instant::now();
         for i in 0..n {
-            self.at(i as u64 * GAP_MS, Cluster::CreateClaim(i));
+            let t = match self.mode {
+                Mode::Staggered => i as u64 * GAP_MS,
+                Mode::Burst => 0,
+            };
+            self.at(t, Cluster::CreateClaim(i));
+            self.sample_at = t + 1500 + FILL_MS / 2;
         }
         loop {
             let next_action = self.agenda.peek().map(|Reverse((t, _, _))| *t);
@@ -1027,6 +1127,9 @@ impl Sim {
                 now < 3_600_000,
                 "the fills do not end (virtual hour passed)"
             );
+            if now >= self.sample_at && self.mid_fill.is_none() {
+                self.mid_fill = Some(self.in_flight_now());
+            }
             self.state.lock().unwrap().now = now;
             while let Some(Reverse((t, _, _))) = self.agenda.peek()
                 && *t == now
@@ -1036,15 +1139,35 @@ impl Sim {
                 let triggers = self.sync(now);
                 self.trigger(triggers, now);
             }
-            while let Some(key) = self
-                .due
-                .iter()
-                .filter(|(_, t)| **t <= now)
-                .min_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
-                .map(|(k, _)| k.clone())
-            {
-                self.due.remove(&key);
-                self.reconcile_one(key, now).await;
+            match self.mode {
+                Mode::Staggered => {
+                    while let Some(key) = self
+                        .due
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .min_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
+                        .map(|(k, _)| k.clone())
+                    {
+                        self.due.remove(&key);
+                        self.reconcile_one(key, now).await;
+                    }
+                }
+                Mode::Burst => loop {
+                    let mut keys: Vec<String> = self
+                        .due
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    if keys.is_empty() {
+                        break;
+                    }
+                    keys.sort();
+                    for k in &keys {
+                        self.due.remove(k);
+                    }
+                    self.reconcile_round(keys, now).await;
+                },
             }
         }
         assert!(
@@ -1054,15 +1177,20 @@ impl Sim {
         );
         self.check_done(n);
         let s = self.state.lock().unwrap();
+        let status = &s.objects[&cr_path(POPULATOR)]["status"];
         Run {
             n,
             counts: s.counts.clone(),
             reconciles: self.reconciles,
             wall: started.elapsed(),
+            succeeded: status["succeeded"].as_u64().unwrap_or(0),
+            in_flight: status["inFlight"].as_u64().unwrap_or(0),
+            mid_fill: self.mid_fill.expect("sampled"),
         }
     }
 
-    /// Every claim filled, bound and released; nothing of ours left; the counts right.
+    /// Every claim filled, bound and released; nothing of ours left; one FillStarted and
+    /// one Populated event each. (The populator's counts are the caller's to check.)
     fn check_done(&self, n: usize) {
         let s = self.state.lock().unwrap();
         for i in 0..n {
@@ -1088,9 +1216,6 @@ impl Sim {
             .filter(|k| k.contains(&format!("/namespaces/{OURS}/")))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
-        let status = &s.objects[&cr_path(POPULATOR)]["status"];
-        assert_eq!(status["succeeded"], json!(n), "{status}");
-        assert_eq!(status["inFlight"], json!(0), "{status}");
         for reason in ["FillStarted", "Populated"] {
             assert_eq!(
                 s.events.iter().filter(|(r, _)| r == reason).count(),
@@ -1107,7 +1232,14 @@ impl Sim {
 }
 
 async fn measure(populator: Value, watch: PopulatorWatch, n: usize) -> Run {
-    Sim::new(populator, watch).await.run(n).await
+    let run = Sim::new(populator, watch).await.run(n).await;
+    assert_eq!(
+        (run.succeeded, run.in_flight),
+        (n as u64, 0),
+        "populator status at the end"
+    );
+    assert_eq!(run.mid_fill, (n as u64, n as u64), "inFlight mid-fill");
+    run
 }
 
 fn table(title: &str, small: &Run, large: &Run) -> String {
@@ -1194,31 +1326,46 @@ async fn api_requests_are_linear_in_claims_on_the_node_path() {
             &large
         )
     );
-    println!("wall: N=20 {:?}, N=200 {:?}", small.wall, large.wall);
+    println!(
+        "wall: N=20 {:?}, N=200 {:?}; mid-fill (pods running, inFlight): {:?} (N=20), {:?} (N=200)",
+        small.wall, large.wall, small.mid_fill, large.mid_fill
+    );
     assert_linear(&small, &large);
     // What one fill costs, pinned: a change here is a change of the controller's API load.
-    let per_claim: BTreeMap<&str, u64> = large
+    // (per claim, once for all claims)
+    let cost: BTreeMap<&str, (u64, u64)> = large
         .counts
         .iter()
-        .map(|(k, v)| (k.as_str(), v / large.n as u64))
+        .map(|(k, v)| (k.as_str(), (v / large.n as u64, v % large.n as u64)))
         .collect();
     assert_eq!(
-        per_claim,
+        cost,
         BTreeMap::from([
-            ("DELETE persistentvolumeclaims (PVC')", 1),
-            ("DELETE pods", 1),
-            ("DELETE secrets", 1),
-            ("GET persistentvolumes", 1),
-            ("GET pods/log", 2 * 4 + 1),
-            ("PATCH ossvolumepopulators/status", 2),
-            ("PATCH persistentvolumeclaims (claim)", 1 + 4),
-            ("PATCH persistentvolumeclaims (claim) (JSON patch)", 1),
-            ("PATCH persistentvolumes", 1),
-            ("POST events", 2),
-            ("POST persistentvolumeclaims (PVC')", 1),
-            ("POST pods", 1),
+            // finish: cleanup
+            ("DELETE persistentvolumeclaims (PVC')", (1, 0)),
+            ("DELETE pods", (1, 0)),
+            // always 404 here: the seed uses RRSA, no Secret was copied
+            ("DELETE secrets", (1, 0)),
+            // rebind
+            ("GET persistentvolumes", (1, 0)),
+            ("PATCH persistentvolumes", (1, 0)),
+            // 4 progress changes, each read twice (the annotation patch wakes the claim,
+            // which reads the log again); 1 in finish (bytes for the metrics)
+            ("GET pods/log", (2 * 4 + 1, 0)),
+            ("PATCH ossvolumepopulators/status (Valid)", (0, 1)),
+            ("PATCH ossvolumepopulators/status (inFlight)", (1, 0)),
+            ("PATCH ossvolumepopulators/status (count)", (1, 0)),
+            // the finalizer, 4 progress annotations
+            ("PATCH persistentvolumeclaims (claim)", (1 + 4, 0)),
+            // finish: finalizer out, "done" in
+            ("PATCH persistentvolumeclaims (claim) (JSON patch)", (1, 0)),
+            // FillStarted, Populated
+            ("POST events", (2, 0)),
+            ("POST persistentvolumeclaims (PVC')", (1, 0)),
+            ("POST pods", (1, 0)),
         ]),
-        "requests per claim (whole)"
+        "requests (per claim, once) at N={}",
+        large.n
     );
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -1290,4 +1437,77 @@ fn the_generation_predicate_ignores_status_writes() {
     spec_change.metadata.generation = Some(2);
     spec_change.spec.path = "/other-files/".into();
     assert_ne!(predicates::generation(&spec_change), before);
+}
+
+async fn burst(n: usize) -> Run {
+    Sim::with_mode(seed_cr_on_nodes(), PopulatorWatch::Generation, Mode::Burst)
+        .await
+        .run(n)
+        .await
+}
+
+/// All claims at once, reconciled concurrently from stores one round behind. Requests stay
+/// linear: the only kinds that cost more than in the staggered run are the populator's
+/// shared status (the `Valid` condition written by every claim of the first round, and
+/// `count_finished`'s conflict retries, at most 5 PATCHes and GETs per finish).
+#[tokio::test]
+async fn a_burst_of_claims_costs_linear_requests() {
+    let small = burst(20).await;
+    let large = burst(200).await;
+    for run in [&small, &large] {
+        println!(
+            "burst N={}: at the end succeeded {} inFlight {}; mid-fill {} pods running, inFlight {}; {:?}",
+            run.n, run.succeeded, run.in_flight, run.mid_fill.0, run.mid_fill.1, run.wall
+        );
+    }
+    println!(
+        "{}",
+        table(
+            "Burst (all claims at once, concurrent reconciles, stores one round behind):",
+            &small,
+            &large
+        )
+    );
+    let retried = [
+        "GET ossvolumepopulators",
+        "PATCH ossvolumepopulators/status (count)",
+    ];
+    for k in small.counts.keys().chain(large.counts.keys()) {
+        if retried.contains(&k.as_str()) {
+            assert!(
+                small.per_claim(k) <= 5.0 && large.per_claim(k) <= 5.0,
+                "{k}: {:.2} per claim at N=20, {:.2} at N=200 (count_finished tries 5 times)",
+                small.per_claim(k),
+                large.per_claim(k)
+            );
+        } else {
+            assert_eq!(
+                small.per_claim(k),
+                large.per_claim(k),
+                "{k} per claim at N=20 and N=200"
+            );
+        }
+    }
+    let (s, l) = (
+        small.total() as f64 / small.n as f64,
+        large.total() as f64 / large.n as f64,
+    );
+    assert!(
+        l <= s * 1.05,
+        "{s:.2} requests per claim at N=20, {l:.2} at N=200"
+    );
+}
+
+/// What the burst's populator status should say, and (at 6e0ef1f..0177350) does not:
+/// `count_finished` gives up after 5 conflicts, so of N fills that end together about 5 per
+/// retry wave are counted (5 of 20, 30 of 200 here) and the rest are lost with a warning;
+/// and each start writes `inFlight` recounted from a pod store that does not yet show the
+/// other starts of its round, unconditionally, and nothing recounts while fills run, so
+/// `inFlight` shows 1 for the whole fill while 200 pods run.
+#[tokio::test]
+#[ignore = "controller bug: populator counts lost under a burst of finishes, inFlight stale (see the doc comment)"]
+async fn a_burst_of_claims_is_counted() {
+    let run = burst(200).await;
+    assert_eq!(run.succeeded, 200, "status.succeeded after 200 fills");
+    assert_eq!(run.mid_fill.1, run.mid_fill.0, "status.inFlight mid-fill");
 }
