@@ -943,7 +943,16 @@ fn pod_post(
             volume(b, "target")["persistentVolumeClaim"]["claimName"],
             format!("prime-{UID}")
         );
-        assert_eq!(mount(b, "target")["mountPath"], "/target");
+        // PVC' mounted at /target, or (Block) its device at /dev/target.
+        let device = &container(b)["volumeDevices"][0];
+        if device.is_null() {
+            assert_eq!(mount(b, "target")["mountPath"], "/target");
+        } else {
+            assert_eq!(
+                device,
+                &json!({"name": "target", "devicePath": "/dev/target"})
+            );
+        }
         let sc = &container(b)["securityContext"];
         assert_eq!(sc["privileged"], false);
         assert_eq!(sc["allowPrivilegeEscalation"], false);
@@ -959,6 +968,11 @@ fn pod_post(
 /// FillStarted, naming the path and (in `why`) the reason for it.
 fn fill_started(path: FillPath, why: &'static str) -> Expect {
     event_where("FillStarted", move |note| {
+        assert!(
+            note.starts_with("attempt ")
+                && note.contains(" of 3: filling from oss://my-test-bucket/"),
+            "{note}"
+        );
         assert!(
             note.contains(&format!(
                 "with pod {OURS}/populate-{UID} on the {} path",
@@ -1120,7 +1134,10 @@ async fn happy_path_filesystem_from_start_to_rebind() {
         expect(Method::DELETE, secret_path(), Reply::NotFound),
         finish_patch(&bound),
         event_where("Populated", |note| {
-            assert_eq!(note, "filled from oss://my-test-bucket/many-files/ (1 MiB)")
+            assert_eq!(
+                note,
+                "filled from oss://my-test-bucket/many-files/ (1.0 MiB)"
+            )
         }),
         count_patch(json!({"succeeded": 1, "inFlight": 0})),
     ];
@@ -1257,8 +1274,14 @@ fn with_pod(p: Value) -> World {
 /// `pvc` with these annotations added.
 fn annotated(pvc: Value, pairs: Value) -> Value {
     let mut pvc = pvc;
+    if pvc["metadata"]
+        .get("annotations")
+        .is_none_or(Value::is_null)
+    {
+        pvc["metadata"]["annotations"] = json!({});
+    }
     for (k, v) in pairs.as_object().unwrap() {
-        pvc = with(pvc, &format!("/metadata/annotations/{k}"), v.clone());
+        pvc["metadata"]["annotations"][k] = v.clone();
     }
     pvc
 }
@@ -1329,7 +1352,12 @@ async fn a_failed_fill_is_retried_with_backoff() {
         over["metadata"]["annotations"]["fillfs.io/retry-after"] = json!("2026-01-01T00:00:00Z");
         let script = vec![
             pod_post(None, FillPath::Direct, assert_direct_rrsa_pod),
-            fill_started(FillPath::Direct, "virtual nodes"),
+            event_where("FillStarted", move |note| {
+                assert!(
+                    note.starts_with(&format!("attempt {} of 3: ", next + 1)),
+                    "{note}"
+                )
+            }),
             in_flight_patch(1),
         ];
         let (action, _) = run(over, &gone, script).await;
@@ -1900,12 +1928,46 @@ async fn pvcs_that_are_not_ours_cause_no_requests() {
 #[tokio::test]
 async fn one_event_writer_publishes_every_distinct_failure_of_a_claim() {
     // kube's Recorder grouped these by reason and showed attempt 1's note with a count;
-    // each attempt's note, and the final "giving up", must be its own event.
+    // each attempt's start and failure, and the final "giving up", must be its own event,
+    // though the fill fails the same way every time. One writer, as in the controller.
     let mut api = Session::new();
     let notes = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut pvc = finalized(user_pvc());
     let msg = "fillfs: error: cannot reach https://oss: connection reset";
+    let gone = World::seed().prime(prime("Bound", Some("d-pv-1")));
+    let mut pvc = user_pvc();
     for attempt in 1..=3u32 {
+        // Start (attempt 1: a new claim; then once the backoff is over).
+        let all = notes.clone();
+        let started = event_where("FillStarted", move |note| {
+            assert!(
+                note.starts_with(&format!("attempt {attempt} of 3: filling from")),
+                "{note}"
+            );
+            all.lock().unwrap().push(note.to_string());
+        });
+        let (world, script) = if attempt == 1 {
+            let mut script = start_seed_fill(&pvc, None);
+            script[3] = started;
+            (World::seed(), script)
+        } else {
+            pvc = annotated(
+                pvc,
+                json!({"fillfs.io/retry-after": "2026-01-01T00:00:00Z"}),
+            );
+            let script = vec![
+                pod_post(None, FillPath::Direct, assert_direct_rrsa_pod),
+                started,
+                in_flight_patch(1),
+            ];
+            (gone.clone(), script)
+        };
+        let action = api.reconcile(pvc.clone(), &world, script).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        if attempt == 1 {
+            pvc = finalized(pvc);
+        }
+
+        // Its pod fails.
         let failed = with(
             pod("Failed", Some((1, msg))),
             "/metadata/uid",
@@ -1920,7 +1982,10 @@ async fn one_event_writer_publishes_every_distinct_failure_of_a_claim() {
             }),
             expect(Method::DELETE, pod_path(), Reply::Json(pod("Failed", None))),
             event_where("FillFailed", move |note| {
-                assert!(note.contains(&format!("attempt {attempt} of 3")), "{note}");
+                assert!(
+                    note.starts_with(&format!("attempt {attempt} of 3")),
+                    "{note}"
+                );
                 assert!(note.contains(msg), "{note}");
                 let ending = match attempt {
                     1 => "retrying in 10s",
@@ -1948,14 +2013,11 @@ async fn one_event_writer_publishes_every_distinct_failure_of_a_claim() {
         assert_eq!(action, expected, "attempt {attempt}");
         let annotations = decided.lock().unwrap().clone();
         pvc = annotated(pvc, annotations);
-        pvc["metadata"]["resourceVersion"] = json!((100 + u64::from(attempt)).to_string());
     }
     let notes = notes.lock().unwrap().clone();
-    assert_eq!(notes.len(), 3, "{notes:?}");
-    assert!(
-        notes[0] != notes[1] && notes[1] != notes[2] && notes[0] != notes[2],
-        "{notes:?}"
-    );
+    assert_eq!(notes.len(), 6, "{notes:#?}");
+    let distinct: std::collections::BTreeSet<&String> = notes.iter().collect();
+    assert_eq!(distinct.len(), 6, "{notes:#?}");
     assert_eq!(pvc["metadata"]["annotations"]["fillfs.io/failed"], msg);
 }
 
@@ -2001,14 +2063,6 @@ async fn a_missing_storage_class_is_waited_for_and_an_empty_one_refused_once() {
     })];
     let (action, _) = run(user_pvc(), &no_class, script).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
-    // Nor for a claim whose fill is under way (the class went away).
-    let script = vec![event_with_reason("StorageClassNotFound")];
-    let world = World {
-        classes: vec![],
-        ..with_pod(pod("Running", None))
-    };
-    let (action, _) = run(finalized(user_pvc()), &world, script).await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
 
     // storageClassName "": a claim on an unclassed PV, which a fill cannot make.
     let empty = with(user_pvc(), "/spec/storageClassName", json!(""));
@@ -2041,6 +2095,31 @@ async fn a_missing_storage_class_is_waited_for_and_an_empty_one_refused_once() {
         .check(|b| assert!(b["spec"].get("storageClassName").is_none(), "{b}"));
     let (action, _) = run(default_class, &no_class, script).await;
     assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+#[ignore = "bug: reconcile.rs returns StorageClassNotFound before looking at PVC' and the pod, so a fill under way whose class was deleted is never finished (see the report)"]
+async fn a_fill_under_way_finishes_though_its_storage_class_is_gone() {
+    // PVC' was provisioned and the fill succeeded; the class was deleted meanwhile (or is
+    // being re-created with new parameters). The volume exists: it is handed over.
+    let world = World {
+        classes: vec![],
+        ..with_pod(pod("Succeeded", Some((0, ""))))
+    };
+    let script = vec![
+        expect(
+            Method::GET,
+            "/api/v1/persistentvolumes/d-pv-1",
+            Reply::Json(pv("prime-uid-1")),
+        ),
+        expect(
+            Method::PATCH,
+            "/api/v1/persistentvolumes/d-pv-1",
+            Reply::Json(pv(UID)),
+        ),
+    ];
+    let (action, _) = run(finalized(user_pvc()), &world, script).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
 }
 
 // ---- a fill pod that does not start ----
@@ -2316,6 +2395,8 @@ async fn the_fill_path_follows_the_placement_and_the_annotation() {
 
     // Anything else is a problem of the claim: said once, nothing created.
     let fuse = annotated(user_pvc(), json!({"fillfs.io/fill-path": "fuse"}));
+    let said = Arc::new(Mutex::new(String::new()));
+    let seen = said.clone();
     let script = vec![
         event_where("InvalidClaim", |note| {
             assert!(
@@ -2323,16 +2404,24 @@ async fn the_fill_path_follows_the_placement_and_the_annotation() {
                 "{note}"
             );
         }),
-        expect(Method::PATCH, user_pvc_path(), Reply::Json(fuse.clone())).check(|b| {
+        expect(Method::PATCH, user_pvc_path(), Reply::Json(fuse.clone())).check(move |b| {
             let why = b["metadata"]["annotations"]["fillfs.io/invalid"]
                 .as_str()
                 .unwrap();
             assert!(why.contains("\"fuse\""), "{why}");
+            *seen.lock().unwrap() = why.to_string();
         }),
     ];
-    let (action, _) = run(fuse, &World::seed(), script).await;
+    let (action, _) = run(fuse.clone(), &World::seed(), script).await;
+    assert_eq!(action, Action::await_change());
+    // Once: the reconcile the annotation wakes writes nothing (the annotation is not
+    // cleared as "fixed" and set again, round after round).
+    let reason = said.lock().unwrap().clone();
+    let said = annotated(fuse, json!({"fillfs.io/invalid": reason}));
+    let (action, _) = run(said, &World::seed(), vec![]).await;
     assert_eq!(action, Action::await_change());
 }
+
 // ---- golden files, CRD, seed examples ----
 
 fn golden(name: &str, actual: &str) {
