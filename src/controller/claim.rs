@@ -128,14 +128,21 @@ pub async fn drop_finalizer(
     }
 }
 
-/// Deletes the pod, PVC' and the secret copy of one fill.
-pub async fn cleanup(client: &Client, ns: &str, uid: &str) -> Result<(), kube::Error> {
+/// Deletes the pod, PVC' and (when the populator uses one) the secret copy of one fill.
+pub async fn cleanup(
+    client: &Client,
+    ns: &str,
+    uid: &str,
+    secret: bool,
+) -> Result<(), kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     delete_quietly(&pods, &pod_name(uid)).await?;
     let primes: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     delete_quietly(&primes, &prime_name(uid)).await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    delete_quietly(&secrets, &secret_name(uid)).await?;
+    if secret {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        delete_quietly(&secrets, &secret_name(uid)).await?;
+    }
     Ok(())
 }
 

@@ -61,11 +61,22 @@ pub async fn watch_fill(
         }
         return;
     }
+    if !ctx
+        .memo
+        .log_read_due(&pod.uid().unwrap_or_default(), ctx.poll / 2)
+    {
+        return;
+    }
     let Some(line) = last_progress(ctx, &pod.name_any()).await else {
         return;
     };
     let shown = format!("{:.1}%", line.percent);
-    if annotation(pvc, ANN_PROGRESS) != Some(shown.as_str())
+    let current = annotation(pvc, ANN_PROGRESS);
+    // "0.0%" says no more than no annotation.
+    if current.is_none() && line.percent == 0.0 {
+        return;
+    }
+    if current != Some(shown.as_str())
         && let Err(e) = annotate(&ctx.client, pvc, json!({ ANN_PROGRESS: shown })).await
     {
         tracing::debug!(error = %e, "could not annotate progress");

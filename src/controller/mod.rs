@@ -218,6 +218,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), RunError> {
             csinodes,
             populators,
         },
+        memo: Default::default(),
         max_attempts: opts.max_attempts,
         retry_base: opts.retry_base,
         poll: opts.poll,

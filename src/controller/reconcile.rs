@@ -82,6 +82,8 @@ pub struct Context {
     pub events: Events,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
+    /// Locks and caches of this process (status writes, log reads): never the truth.
+    pub memo: status::Memo,
     /// Fill attempts before a failure is final.
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt.
@@ -140,7 +142,10 @@ pub async fn reconcile(
         .get(&ObjectRef::new(&cr_name).within(&cr_ns));
     if pvc.meta().deletion_timestamp.is_some() {
         if ours {
-            cleanup(&ctx.client, &ctx.settings.namespace, &uid).await?;
+            let secret = cr
+                .as_ref()
+                .is_none_or(|c| c.spec.credentials_secret_ref.is_some());
+            cleanup(&ctx.client, &ctx.settings.namespace, &uid, secret).await?;
             drop_finalizer(&ctx.client, &pvc, None).await?;
             if let Some(cr) = &cr {
                 let n = status::in_flight_of(
@@ -209,35 +214,18 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
 
-    let class_name = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone());
-    let class = class_name
-        .as_ref()
-        .map(|c| (c, ctx.stores.classes.get(&ObjectRef::new(c))));
-    if let Some((name, None)) = &class {
-        ctx.event(
-            &pvc,
-            Kind::Warning,
-            "StorageClassNotFound",
-            format!(
-                "StorageClass {name:?} does not exist; the fill starts when it does (looking again every 30s)"
-            ),
-        )
-        .await;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    }
     let selected_node = annotation(&pvc, ANN_SELECTED_NODE).map(str::to_string);
-    let waits = class
-        .and_then(|(_, c)| c)
-        .and_then(|c| c.volume_binding_mode.clone())
-        .as_deref()
-        == Some("WaitForFirstConsumer");
-    if selected_node.is_none() && waits {
-        tracing::debug!(pvc = %pvc.name_any(), "waiting for the first consumer");
-        return Ok(Action::await_change());
-    }
-
     let prime = ctx.in_ours(&ctx.stores.claims, &prime_name(&uid));
-    let Some(pod) = ctx.in_ours(&ctx.stores.pods, &pod_name(&uid)) else {
+    let pod = ctx.in_ours(&ctx.stores.pods, &pod_name(&uid));
+    if prime.is_none() && pod.is_none() {
+        // Nothing of a fill exists yet: the class must, and may want a node first. (Once
+        // PVC' exists its volume no longer needs the class, so a fill under way finishes
+        // even if the class is deleted.)
+        if let Some(action) = before_first_fill(&ctx, &pvc, selected_node.is_some()).await {
+            return Ok(action);
+        }
+    }
+    let Some(pod) = pod else {
         return start_fill(
             &ctx,
             &pvc,
@@ -264,9 +252,39 @@ pub async fn reconcile(
         Some("Failed") => failed(&ctx, &pvc, &cr, &pod).await,
         _ => {
             watch_fill(&ctx, &pvc, &pod, &prime).await;
+            // Recounted at every poll too: starts that raced the store are caught here.
+            let n = status::in_flight_of(&ctx.stores.pods, &populator_key(&cr), None, 0);
+            status::set_in_flight(&ctx, &cr, n).await?;
             Ok(Action::requeue(ctx.poll))
         }
     }
+}
+
+/// The claim's StorageClass before a first fill: missing → an event and a look again in
+/// 30 s; WaitForFirstConsumer without a chosen node → wait. `None`: go on.
+async fn before_first_fill(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    node_chosen: bool,
+) -> Option<Action> {
+    let name = pvc.spec.as_ref()?.storage_class_name.as_ref()?;
+    let Some(class) = ctx.stores.classes.get(&ObjectRef::new(name)) else {
+        ctx.event(
+            pvc,
+            Kind::Warning,
+            "StorageClassNotFound",
+            format!(
+                "StorageClass {name:?} does not exist; the fill starts when it does (looking again every 30s)"
+            ),
+        )
+        .await;
+        return Some(Action::requeue(Duration::from_secs(30)));
+    };
+    if !node_chosen && class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        tracing::debug!(pvc = %pvc.name_any(), "waiting for the first consumer");
+        return Some(Action::await_change());
+    }
+    None
 }
 
 /// Where the node plugin is registered, for the claim's node or any node.
@@ -598,7 +616,8 @@ async fn finish(
         Some(p) => last_progress(ctx, &p.name_any()).await,
         None => None,
     };
-    cleanup(&ctx.client, &ctx.settings.namespace, &uid).await?;
+    let secret = cr.is_none_or(|c| c.spec.credentials_secret_ref.is_some());
+    cleanup(&ctx.client, &ctx.settings.namespace, &uid, secret).await?;
     drop_finalizer(&ctx.client, pvc, Some(&[(ANN_PROGRESS, "done")])).await?;
     let bytes = line.as_ref().map(|l| l.bytes_done);
     ctx.metrics

@@ -3,7 +3,17 @@
 //! controller's pod store, never incremented, so a claim deleted mid-fill or a restarted
 //! controller cannot leave them off.
 //!
+//! Status writes of one populator are serialized in this process ([`Memo`]): fills of
+//! hundreds of claims end at once, and with every writer racing on one resourceVersion a
+//! count needed as many retries as there were writers (a burst of 200 finishes kept 30).
+//!
 //! Owns those writes; it must not decide what a fill did.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::chrono;
@@ -15,6 +25,52 @@ use serde_json::json;
 use super::crd::OSSVolumePopulator;
 use super::objects::{ANN_POPULATOR, populator_key};
 use super::reconcile::Context;
+
+/// In-process help, never the truth (a restarted controller starts without it and only
+/// makes a few more requests): a lock per populator for its status writes with what was
+/// last written through it, and when each fill pod's log was last read.
+#[derive(Default)]
+pub struct Memo {
+    populators: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Written>>>>,
+    log_reads: Mutex<HashMap<String, Instant>>,
+}
+
+/// What this process last wrote to one populator's status.
+#[derive(Default)]
+struct Written {
+    in_flight: Option<u32>,
+    valid: Option<(Option<i64>, String, String)>,
+}
+
+impl Memo {
+    fn populator(&self, key: &str) -> Arc<tokio::sync::Mutex<Written>> {
+        self.populators
+            .lock()
+            .expect("memo lock")
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether a fill pod's log is worth reading now: not if it was read less than `gap`
+    /// ago (a progress patch wakes the claim at once, and the log has not moved since).
+    /// Tokio's clock, so tests that pause time see it move with theirs.
+    pub fn log_read_due(&self, pod_uid: &str, gap: Duration) -> bool {
+        let mut reads = self.log_reads.lock().expect("memo lock");
+        let now = Instant::now();
+        if reads
+            .get(pod_uid)
+            .is_some_and(|t| now.duration_since(*t) < gap)
+        {
+            return false;
+        }
+        if reads.len() > 10_000 {
+            reads.retain(|_, t| now.duration_since(*t) < gap);
+        }
+        reads.insert(pod_uid.to_string(), now);
+        true
+    }
+}
 
 fn running(p: &Pod) -> bool {
     !matches!(
@@ -48,7 +104,12 @@ pub async fn set_in_flight(
     cr: &OSSVolumePopulator,
     n: u32,
 ) -> Result<(), kube::Error> {
-    if cr.status.as_ref().map(|s| s.in_flight) == Some(n) {
+    let lock = ctx.memo.populator(&populator_key(cr));
+    let mut written = lock.lock().await;
+    let shown = written
+        .in_flight
+        .or(cr.status.as_ref().map(|s| s.in_flight));
+    if shown == Some(n) {
         return Ok(());
     }
     let crs: Api<OSSVolumePopulator> =
@@ -62,7 +123,11 @@ pub async fn set_in_flight(
         .await
     {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other.map(|_| ()),
+        Err(e) => Err(e),
+        Ok(_) => {
+            written.in_flight = Some(n);
+            Ok(())
+        }
     }
 }
 
@@ -76,10 +141,14 @@ pub async fn count_finished(
     in_flight: u32,
 ) -> Result<(), kube::Error> {
     let key = populator_key(cr);
+    let lock = ctx.memo.populator(&key);
+    let mut written = lock.lock().await;
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
     let mut cr = cr.clone();
-    for _ in 0..5 {
+    // Serialized: only writers from elsewhere (or a store behind our own last write) can
+    // conflict, each costing one re-read.
+    for _ in 0..10 {
         let status = cr.status.clone().unwrap_or_default();
         let counts = if ok {
             json!({"succeeded": status.succeeded + 1, "inFlight": in_flight})
@@ -100,7 +169,11 @@ pub async fn count_finished(
         {
             Err(kube::Error::Api(e)) if e.code == 409 => cr = crs.get(&cr.name_any()).await?,
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            other => return other.map(|_| ()),
+            Err(e) => return Err(e),
+            Ok(_) => {
+                written.in_flight = Some(in_flight);
+                return Ok(());
+            }
         }
     }
     tracing::warn!(populator = %key, "status count lost to conflicting updates");
@@ -128,6 +201,13 @@ pub async fn set_valid(
     }) {
         return Ok(());
     }
+    let lock = ctx.memo.populator(&populator_key(cr));
+    let mut written = lock.lock().await;
+    let this = (generation, status.to_string(), message.clone());
+    if written.valid.as_ref() == Some(&this) {
+        // Written already; the store has not caught up.
+        return Ok(());
+    }
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
     // The transition time moves only when the status does.
@@ -149,5 +229,6 @@ pub async fn set_valid(
         }]}})),
     )
     .await?;
+    written.valid = Some(this);
     Ok(())
 }
