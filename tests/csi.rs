@@ -70,20 +70,7 @@ impl Plugin {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let channel = loop {
-            let path = socket.clone();
-            let connected = rt.block_on(async move {
-                tonic::transport::Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                        let path = path.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(path).await?,
-                            ))
-                        }
-                    }))
-                    .await
-            });
+            let connected = unix_channel(&rt, &socket);
             match connected {
                 Ok(c) => break c,
                 Err(e) => {

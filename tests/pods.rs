@@ -486,20 +486,7 @@ fn start_node_plugin(node: &Node, force_uid: Option<i64>) -> (Child, PathBuf) {
 fn connect(rt: &tokio::runtime::Runtime, socket: &Path, child: &mut Child) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let path = socket.to_path_buf();
-        let connected = rt.block_on(async move {
-            tonic::transport::Endpoint::try_from("http://[::]:50051")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-        });
+        let connected = unix_channel(rt, socket);
         match connected {
             Ok(c) => return c,
             Err(e) => {

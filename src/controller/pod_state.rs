@@ -3,7 +3,7 @@
 //!
 //! Owns that reading; it must not decide retries (the state machine does).
 
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, Pod};
 
 use super::objects::CONTAINER;
 
@@ -17,7 +17,8 @@ pub struct Ending {
     pub message: String,
 }
 
-fn terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+/// The fill container's state.
+fn state(pod: &Pod) -> Option<&ContainerState> {
     pod.status
         .as_ref()?
         .container_statuses
@@ -25,9 +26,11 @@ fn terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
         .iter()
         .find(|c| c.name == CONTAINER)?
         .state
-        .as_ref()?
-        .terminated
         .as_ref()
+}
+
+fn terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    state(pod)?.terminated.as_ref()
 }
 
 fn last_line(s: &str) -> &str {
@@ -108,15 +111,7 @@ pub fn not_starting(pod: &Pod) -> Option<(&'static str, String)> {
             ),
         ));
     }
-    let waiting = status
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == CONTAINER)?
-        .state
-        .as_ref()?
-        .waiting
-        .as_ref()?;
+    let waiting = state(pod)?.waiting.as_ref()?;
     let reason = waiting.reason.as_deref()?;
     STUCK.contains(&reason).then(|| {
         (

@@ -361,22 +361,8 @@ async fn start_fill(
         // Created by an earlier reconcile whose pod the store does not show yet.
         Err(kube::Error::Api(a)) if a.code == 409 => return Ok(Action::requeue(ctx.poll)),
         Err(e) => {
-            // Refused by validation or admission (quota, policy): the claim says why.
-            if let kube::Error::Api(a) = &e
-                && matches!(a.code, 400 | 403 | 422)
-            {
-                ctx.event(
-                    pvc,
-                    Kind::Warning,
-                    "PodRejected",
-                    format!(
-                        "the API server refused the fill pod {ours_ns}/{}: {}",
-                        pod_name(&uid),
-                        a.message
-                    ),
-                )
-                .await;
-            }
+            let what = format!("the fill pod {ours_ns}/{}", pod_name(&uid));
+            report_refusal(ctx, pvc, &e, "PodRejected", &what).await;
             return Err(e.into());
         }
     }
@@ -425,24 +411,31 @@ async fn create_prime(
         Ok(_) => Ok(()),
         Err(kube::Error::Api(a)) if a.code == 409 => Ok(()),
         Err(e) => {
-            if let kube::Error::Api(a) = &e
-                && matches!(a.code, 400 | 403 | 422)
-            {
-                ctx.event(
-                    pvc,
-                    Kind::Warning,
-                    "PrimeClaimRejected",
-                    format!(
-                        "the API server refused the temporary claim {}/{}: {}",
-                        ctx.settings.namespace,
-                        prime.name_any(),
-                        a.message
-                    ),
-                )
-                .await;
-            }
+            let what = format!(
+                "the temporary claim {}/{}",
+                ctx.settings.namespace,
+                prime.name_any()
+            );
+            report_refusal(ctx, pvc, &e, "PrimeClaimRejected", &what).await;
             Err(e)
         }
+    }
+}
+
+/// A create the API server refused by validation or admission (quota, policy): the claim
+/// says why (only the controller's log would otherwise).
+async fn report_refusal(
+    ctx: &Context,
+    pvc: &PersistentVolumeClaim,
+    e: &kube::Error,
+    reason: &str,
+    what: &str,
+) {
+    if let kube::Error::Api(a) = e
+        && matches!(a.code, 400 | 403 | 422)
+    {
+        let note = format!("the API server refused {what}: {}", a.message);
+        ctx.event(pvc, Kind::Warning, reason, note).await;
     }
 }
 

@@ -235,3 +235,25 @@ pub fn verify_stream(path: &Path, seed: u64, size: u64) -> u64 {
     assert_eq!(pos, size, "{}: size", path.display());
     pos
 }
+
+/// A gRPC channel over the unix socket at `path` (one attempt), as kubelet's CSI client and
+/// Argo's plugin client connect.
+pub fn unix_channel(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    rt.block_on(async move {
+        tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .expect("static URI")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+    })
+}
