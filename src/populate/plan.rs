@@ -2,7 +2,12 @@
 //! copy where, and which keys cannot be written safely. The safety rule lives here and only
 //! here: a target path is built from key components that each passed
 //! [`crate::fs::names::invalid_reason`], so no `..`, absolute key, NUL or empty component
-//! can ever name a path outside the target. It must not do I/O.
+//! can ever name a path outside the target; no component may take a name fillfs keeps for
+//! itself (part files anywhere, the fill's state in the target's root), so no key can
+//! overwrite them; and two keys listed as one path (a key beginning with `/` comes back
+//! from the store's listing of a bucket's root without it) are both refused, so neither
+//! is written under the other's name. (Links in the target are `target.rs`'s business.)
+//! It must not do I/O.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -13,6 +18,13 @@ use crate::store::Listed;
 
 /// Suffix of a file being written; renamed away when the file is complete.
 pub const PART_SUFFIX: &str = ".fillfs-part";
+
+/// Prefix of the part file of a name too long for [`PART_SUFFIX`] (see `part_file.rs`).
+pub const PART_PREFIX: &str = ".fillfs-part-";
+
+/// Prefix of the fill's own state in the target's root: `.fillfs-populate.journal` and
+/// `.fillfs-populate.lock`.
+pub const STATE_PREFIX: &str = ".fillfs-populate";
 
 #[derive(Debug, Clone)]
 pub struct FileJob {
@@ -46,10 +58,15 @@ fn components(key: &str) -> Result<Vec<&str>, String> {
         if let Some(why) = invalid_reason(p) {
             return Err(why.to_string());
         }
+        if p.ends_with(PART_SUFFIX) || p.starts_with(PART_PREFIX) {
+            return Err(format!(
+                "a name ending in {PART_SUFFIX} or beginning with {PART_PREFIX} is reserved for fillfs's partial files"
+            ));
+        }
     }
-    if parts.last().is_some_and(|n| n.ends_with(PART_SUFFIX)) {
+    if parts[0].starts_with(STATE_PREFIX) {
         return Err(format!(
-            "name ends in {PART_SUFFIX}, which fillfs reserves for partial files"
+            "a name beginning with {STATE_PREFIX} is reserved for fillfs's fill state (journal, lock) in the target's root"
         ));
     }
     Ok(parts)
@@ -89,10 +106,20 @@ pub fn plan(listing: Vec<Listed>) -> Plan {
             },
         }
     }
+    let mut listed = std::collections::HashMap::<PathBuf, usize>::new();
+    for f in &files {
+        *listed.entry(f.rel.clone()).or_default() += 1;
+    }
     for f in files {
         if dirs.contains(&f.rel) {
             plan.rejected
                 .push((f.key, "is also a directory prefix".to_string()));
+        } else if listed[&f.rel] > 1 {
+            plan.rejected.push((
+                f.key,
+                "listed more than once: another key (one beginning with '/', which the store lists without it) would be written under this name"
+                    .to_string(),
+            ));
         } else {
             plan.files.push(f);
         }
@@ -129,13 +156,20 @@ mod tests {
             file("x/../../y"),
             file("nul\0byte"),
             file("sneaky.fillfs-part"),
+            file("d.fillfs-part/x"),
+            file(&format!(".fillfs-part-{}", "0".repeat(32))),
+            file(".fillfs-populate.journal"),
+            file(".fillfs-populate.lock/x"),
             Listed::Dir {
                 name: "../d".into(),
+            },
+            Listed::Dir {
+                name: ".fillfs-populate.journal".into(),
             },
         ]);
         assert_eq!(p.files.len(), 1);
         assert_eq!(p.files[0].rel, PathBuf::from("ok/a.txt"));
-        assert_eq!(p.rejected.len(), 8, "{:?}", p.rejected);
+        assert_eq!(p.rejected.len(), 13, "{:?}", p.rejected);
         for d in &p.dirs {
             assert!(
                 d.components()
@@ -163,6 +197,30 @@ mod tests {
             ]
         );
         assert_eq!(p.files.len(), 2);
+    }
+
+    #[test]
+    fn fill_state_names_are_reserved_only_in_the_root() {
+        let p = plan(vec![
+            file(".fillfs-populate.journal"),
+            file("sub/.fillfs-populate.journal"),
+        ]);
+        assert_eq!(p.files.len(), 1);
+        assert_eq!(
+            p.files[0].rel,
+            PathBuf::from("sub/.fillfs-populate.journal")
+        );
+        assert!(p.rejected[0].1.contains("reserved"), "{:?}", p.rejected);
+    }
+
+    #[test]
+    fn keys_listed_as_one_path_are_all_refused() {
+        // `/abs/x` and `abs/x`, as the store lists a bucket's root.
+        let p = plan(vec![file("abs/x"), file("abs/x"), file("ok")]);
+        assert_eq!(p.files.len(), 1);
+        assert_eq!(p.files[0].rel, PathBuf::from("ok"));
+        assert_eq!(p.rejected.len(), 2);
+        assert!(p.rejected[0].1.contains("'/'"), "{:?}", p.rejected);
     }
 
     #[test]
