@@ -57,6 +57,17 @@ pub enum Error {
         has: String,
     },
 
+    /// Something in the target stands where the fill must write and cannot be replaced by
+    /// it (a symbolic link, a file where a directory goes). Never followed, never removed.
+    #[error("{path}: {reason}")]
+    UnsafeTarget { path: String, reason: String },
+
+    /// Another fill holds the target's lock.
+    #[error(
+        "{target} is being filled by another fillfs ({holder}); wait for that fill to end or stop it, then run this one again"
+    )]
+    Locked { target: String, holder: String },
+
     #[error(
         "{count} keys cannot be written safely (e.g. {examples}); nothing was written. Use --skip-invalid-keys to copy the rest"
     )]
@@ -105,7 +116,9 @@ impl Error {
             | Error::AccessDenied { .. }
             | Error::ChecksumMismatch { .. }
             | Error::NoSpace { .. }
-            | Error::UnsafeKeys { .. } => true,
+            | Error::UnsafeKeys { .. }
+            | Error::UnsafeTarget { .. }
+            | Error::Locked { .. } => true,
             Error::Copy { cause, .. } => cause.is_permanent(),
             Error::Shared(e) => e.is_permanent(),
             Error::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),

@@ -1,7 +1,8 @@
 //! Block targets. `--block`: one object (a disk image) written raw into a block device or
 //! image file, its ranges fetched concurrently and written in place, then fsync'ed.
 //! `--mkfs ext4`: a prefix copied into a block device by formatting it, mounting it on a
-//! temporary directory, running the directory fill, and unmounting (always).
+//! temporary directory, running the directory fill, and unmounting (always). Either holds
+//! the device's lock (`lock.rs`) throughout, so a second fill of it is refused.
 //! It must not plan directory fills itself; it calls [`super::populate`] for that.
 
 use std::fs::OpenOptions;
@@ -59,6 +60,10 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     })?;
     let target = &opts.target;
     let is_device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if !is_device && !target.exists() {
+        std::fs::File::create(target)?;
+    }
+    let _lock = super::lock::DeviceLock::acquire(target)?;
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -167,6 +172,8 @@ pub async fn fill_mkfs(opts: &PopulateOptions) -> Result<Summary> {
     let device = &opts.target;
     let meta = std::fs::metadata(device)
         .map_err(|e| Error::InvalidOption(format!("--mkfs target {}: {e}", device.display())))?;
+    // Before the probe mount and mkfs: a second fill must not format a device in use.
+    let _lock = super::lock::DeviceLock::acquire(device)?;
     let loop_opt = if meta.file_type().is_block_device() {
         None
     } else {

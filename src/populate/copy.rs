@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::integrity::{self, Checked, Expected, RangeCrcs};
-use super::journal::Journal;
-use super::part_file::{FileAttrs, PartFile};
+use super::journal::{Copied, Journal};
+use super::part_file::{FileAttrs, PartFile, PartFiles};
 use super::plan::FileJob;
 use super::progress::Progress;
 use crate::error::{Error, Result};
@@ -165,7 +165,8 @@ pub fn split_ranges(size: u64, part: u64) -> impl Iterator<Item = std::ops::Rang
 
 pub struct Copier {
     pub fetcher: Fetcher,
-    pub target: std::path::PathBuf,
+    /// Creates the part files, beneath the target and known until finished (`part_file.rs`).
+    pub parts: Arc<PartFiles>,
     pub part_size: u64,
     pub verify: bool,
     /// Start each range's writeback as soon as it is written (see `part_file.rs`).
@@ -187,7 +188,7 @@ impl Copier {
     /// Copies one object, retrying once on a checksum mismatch, and records it as done.
     pub async fn copy_file(self: Arc<Self>, job: FileJob) -> Result<()> {
         let job = Arc::new(job);
-        let final_path = self.target.join(&job.rel);
+        let final_path = job.rel.clone();
         let wrap = |e: Error| Error::Copy {
             path: job.rel.display().to_string(),
             cause: Box::new(e),
@@ -197,19 +198,21 @@ impl Copier {
             tracing::warn!(file = %job.rel.display(), %expected, %got, "checksum mismatch, fetching the file again");
             result = self.clone().try_copy(&job, &final_path).await;
         }
-        let (part, checked) = result.map_err(wrap)?;
-        // Mode, owner, mtime; then the rename that makes the file look complete; then the
-        // journal line.
+        let (part, checked, crc64) = result.map_err(wrap)?;
+        // Owner, mode, mtime, version; then the rename that makes the file look complete;
+        // then the journal line.
         let attrs = FileAttrs {
             mode: self.file_mode,
             uid: self.owner.0,
             gid: self.owner.1,
             mtime: job.mtime,
+            etag: job.etag.clone(),
         };
         let (journal, done) = (self.journal.clone(), job.clone());
         blocking(move || {
-            part.finish(&final_path, attrs)?;
-            journal.record(&done.rel.to_string_lossy(), done.size, done.etag.as_deref())
+            part.finish(&attrs)?;
+            let copied = Copied::new(done.size, done.etag.as_deref(), done.mtime, crc64);
+            journal.record(&done.rel.to_string_lossy(), &copied)
         })
         .await
         .map_err(wrap)?;
@@ -224,7 +227,7 @@ impl Copier {
         self: Arc<Self>,
         job: &Arc<FileJob>,
         final_path: &Path,
-    ) -> Result<(PartFile, Checked)> {
+    ) -> Result<(PartFile, Checked, Option<u64>)> {
         let mut expected = Expected {
             crc64: None,
             md5: integrity::etag_md5(job.etag.as_deref()),
@@ -245,9 +248,9 @@ impl Copier {
                     integrity::check_md5(&job.key, want, &integrity::md5(&f.data.chunks))?;
                     checked = Checked::Md5;
                 }
-                let (path, n) = (final_path.to_path_buf(), f.data.len);
+                let (path, n, parts) = (final_path.to_path_buf(), f.data.len, self.parts.clone());
                 let p = blocking(move || {
-                    let p = PartFile::create(&path, n, false, ew)?;
+                    let p = parts.create(&path, n, false, ew)?;
                     if let Err(e) = p.write_chunks_at(&f.data.chunks, 0) {
                         p.discard();
                         return Err(e.into());
@@ -258,8 +261,8 @@ impl Copier {
                 part = Some(Arc::new(p));
                 self.wrote(&written, n);
             } else {
-                let (path, size) = (final_path.to_path_buf(), job.size);
-                let p = Arc::new(blocking(move || PartFile::create(&path, size, true, ew)).await?);
+                let (path, size, parts) = (final_path.to_path_buf(), job.size, self.parts.clone());
+                let p = Arc::new(blocking(move || parts.create(&path, size, true, ew)).await?);
                 part = Some(p.clone());
                 let mut tasks = tokio::task::JoinSet::new();
                 for r in split_ranges(job.size, self.part_size) {
@@ -302,16 +305,18 @@ impl Copier {
         }
         .await;
         match (result, part) {
-            (Ok(checked), Some(p)) => {
-                Ok((Arc::try_unwrap(p).expect("all writes finished"), checked))
-            }
+            (Ok(checked), Some(p)) => Ok((
+                Arc::try_unwrap(p).expect("all writes finished"),
+                checked,
+                expected.crc64,
+            )),
             (result, part) => {
                 self.progress
                     .bytes_done
                     .fetch_sub(written.load(Ordering::Relaxed), Ordering::Relaxed);
                 if let Some(p) = part {
                     // Writes of aborted ranges may still hold the descriptor; the name goes now.
-                    let _ = std::fs::remove_file(p.path());
+                    p.unlink();
                 }
                 Err(result.err().unwrap_or_else(|| {
                     Error::Io(std::io::Error::other("part file was not created"))

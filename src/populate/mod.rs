@@ -1,22 +1,28 @@
 //! `fillfs populate`: copy a bucket prefix (or a local directory, e.g. a fillfs mount) into
 //! a target directory — fast, capped, verified, resumable.
 //!
-//! Order of work, each step before anything is written: preflight the source; list it
-//! recursively; plan (refusing keys that cannot be written safely, see `plan.rs`); load
-//! the resume journal; check free space (statvfs) against what is left to copy. Then create
-//! the directories, and copy files with up to `--jobs` GETs in flight (`copy.rs`), while
-//! `progress.rs` reports. On success the journal is removed and the file system synced.
+//! Order of work, each step before anything is written: preflight the source; open TARGET
+//! (`target.rs`: nothing beneath it is reached through a link) and take its lock (`lock.rs`:
+//! one fill at a time); list the source recursively; plan (refusing keys that cannot be
+//! written safely, see `plan.rs`); load the resume journal and keep only files of another
+//! version than the one listed; check free space and free inodes (statvfs) against what is
+//! left to copy, after removing the part files an interrupted fill left if the space is
+//! short. Then create the directories, and copy files with up to `--jobs` GETs in flight
+//! (`copy.rs`), while `progress.rs` reports. On success the journal is removed and the file
+//! system synced; on failure the part files are removed and the journal kept.
 
 pub mod block;
 pub mod copy;
 pub mod integrity;
 pub mod journal;
+pub mod lock;
 pub mod part_file;
 pub mod plan;
 pub mod progress;
+pub mod target;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -94,38 +100,146 @@ fn iec(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()
 }
 
-/// A file an earlier, completed fill wrote: same size and the object's mtime (fillfs sets
-/// it from Last-Modified). Files without a known mtime are always copied.
-fn already_present(target: &std::path::Path, f: &plan::FileJob) -> bool {
-    let Some(mtime) = f.mtime else { return false };
-    std::fs::symlink_metadata(target.join(&f.rel)).is_ok_and(|m| {
-        m.is_file()
-            && m.len() == f.size
-            && m.modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs())
-                == mtime
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs())
-    })
+/// A file an earlier, completed fill wrote: a regular file (not a link) of the object's
+/// size and mtime (fillfs sets it from Last-Modified) that carries the listed ETag in its
+/// xattr (see `part_file.rs`; on file systems without user xattrs size and mtime decide).
+/// Files without a known mtime are always copied.
+fn already_present(dir: &target::Dir, name: &OsStr, f: &plan::FileJob) -> bool {
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs() as i64)
+    };
+    let Some(mtime) = f.mtime.and_then(secs) else {
+        return false;
+    };
+    let Some(st) = target::regular_file(dir, name) else {
+        return false;
+    };
+    if st.st_size as u64 != f.size || st.st_mtime != mtime {
+        return false;
+    }
+    match (&f.etag, part_file::read_etag(dir, name)) {
+        (None, _) | (Some(_), part_file::RecordedEtag::Unsupported) => true,
+        (Some(want), part_file::RecordedEtag::Some(got)) => *want == got,
+        (Some(_), part_file::RecordedEtag::None) => false,
+    }
+}
+
+/// The files of `plan` still to copy: those the journal records with another version than
+/// the listed one, and those it does not record unless already present.
+fn still_to_copy(
+    target: &target::Target,
+    plan: &plan::Plan,
+    journal: &journal::Journal,
+) -> Vec<plan::FileJob> {
+    let mut dir: Option<(PathBuf, Option<target::Dir>)> = None;
+    plan.files
+        .iter()
+        .filter(|f| {
+            if let Some(copied) = journal.lookup(&f.rel.to_string_lossy()) {
+                return !copied.is(f.size, f.etag.as_deref(), f.mtime);
+            }
+            let parent = f.rel.parent().unwrap_or(Path::new(""));
+            if dir.as_ref().is_none_or(|(p, _)| p != parent) {
+                dir = Some((parent.to_path_buf(), target.dir(parent).ok()));
+            }
+            let name = f.rel.file_name().expect("a file has a name");
+            match dir.as_ref().and_then(|(_, d)| d.as_ref()) {
+                Some(d) => !already_present(d, name, f),
+                None => true,
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+/// Checks free space and free inodes against what is left to copy. If the space is short,
+/// first removes the part files an interrupted fill left for these files (preallocated, they
+/// may hold most of a tight volume) and looks again.
+fn check_space(
+    target: &target::Target,
+    parts: &part_file::PartFiles,
+    plan: &plan::Plan,
+    todo: &[plan::FileJob],
+) -> Result<()> {
+    let statvfs = || nix::sys::statvfs::fstatvfs(target.root()).map_err(std::io::Error::from);
+    let needs: u64 = todo
+        .iter()
+        .map(|f| f.size.div_ceil(4096) * 4096 + 4096)
+        .sum();
+    let mut vfs = statvfs()?;
+    let has = |vfs: &nix::sys::statvfs::Statvfs| {
+        let (blocks, size): (u64, u64) = (vfs.blocks_available(), vfs.fragment_size());
+        blocks * size
+    };
+    if needs > has(&vfs) {
+        let (files, bytes) = parts.reclaim(todo.iter().map(|f| f.rel.as_path()));
+        if files > 0 {
+            tracing::info!(files, bytes = %iec(bytes), "removed the part files an interrupted fill left");
+            vfs = statvfs()?;
+        }
+    }
+    if needs > has(&vfs) {
+        return Err(Error::NoSpace {
+            target: target.path().display().to_string(),
+            needs: iec(needs),
+            has: iec(has(&vfs)),
+        });
+    }
+    // One inode per file (its part file becomes it) and per directory still to create, and
+    // the journal's. File systems that allocate inodes as they go report none (f_files 0).
+    if vfs.files() > 0 {
+        let new_dirs = plan
+            .dirs
+            .iter()
+            .filter(|d| {
+                nix::sys::stat::fstatat(
+                    target.root(),
+                    d.as_path(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .is_err()
+            })
+            .count() as u64;
+        let inodes = todo.len() as u64 + new_dirs + 1;
+        let free: u64 = vfs.files_available();
+        if inodes > free {
+            return Err(Error::NoSpace {
+                target: target.path().display().to_string(),
+                needs: format!(
+                    "{inodes} inodes ({} files, {new_dirs} directories, the journal)",
+                    todo.len()
+                ),
+                has: format!("{free} free inodes"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Gives TARGET the mode (and owner) asked for. A failure is logged, not fatal: the data
 /// is right either way, and the log says what consumers will not be able to do.
-fn set_root_attributes(target: &std::path::Path, mode: u32, uid: Option<u32>, gid: Option<u32>) {
+fn set_root_attributes(target: &target::Target, mode: u32, uid: Option<u32>, gid: Option<u32>) {
+    let path = target.path().display();
     if (uid.is_some() || gid.is_some())
-        && let Err(e) = std::os::unix::fs::chown(target, uid, gid)
+        && let Err(e) = nix::unistd::fchown(
+            target.root(),
+            uid.map(nix::unistd::Uid::from_raw),
+            gid.map(nix::unistd::Gid::from_raw),
+        )
     {
-        tracing::warn!(target = %target.display(), ?uid, ?gid, error = %e, "could not give the target directory its owner");
+        tracing::warn!(target = %path, ?uid, ?gid, error = %e, "could not give the target directory its owner");
     }
-    match std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode)) {
+    match nix::sys::stat::fchmod(
+        target.root(),
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    ) {
         Ok(()) => {
-            tracing::info!(target = %target.display(), mode = %format!("{mode:04o}"), "target directory mode set")
+            tracing::info!(target = %path, mode = %format!("{mode:04o}"), "target directory mode set")
         }
         Err(e) => tracing::warn!(
-            target = %target.display(),
+            target = %path,
             mode = %format!("{mode:04o}"),
             error = %e,
             "could not set the target directory's mode (only its owner or root can); consumers may not be able to write in it"
@@ -157,14 +271,15 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     let limiters = RateLimiter::for_throughput(opts.throughput_mib);
     let store = Store::new(&opts.store, limiters)?;
     store.preflight().await?;
-    let target = &opts.target;
-    if !target.is_dir() {
-        std::fs::create_dir(target)
-            .map_err(|e| Error::InvalidOption(format!("target {}: {e}", target.display())))?;
+    if !opts.target.is_dir() {
+        std::fs::create_dir(&opts.target)
+            .map_err(|e| Error::InvalidOption(format!("target {}: {e}", opts.target.display())))?;
     }
+    let target = Arc::new(target::Target::open(&opts.target)?);
+    let lock = lock::FillLock::acquire(&target)?;
 
     if let Some(mode) = opts.root_mode {
-        set_root_attributes(target, mode, opts.uid, opts.gid);
+        set_root_attributes(&target, mode, opts.uid, opts.gid);
     }
 
     let listing = store.list_recursive().await?;
@@ -188,31 +303,14 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     }
 
     let source = opts.store.source.to_string();
-    let journal = Arc::new(journal::Journal::load(target, &source)?);
-    let todo: Vec<_> = plan
-        .files
-        .iter()
-        .filter(|f| !journal.is_done(&f.rel.to_string_lossy(), f.size, f.etag.as_deref()))
-        .filter(|f| !already_present(target, f))
-        .cloned()
-        .collect();
+    let journal = Arc::new(journal::Journal::load(target.clone(), &source)?);
+    let todo = still_to_copy(&target, &plan, &journal);
     let resumed = (plan.files.len() - todo.len()) as u64;
-    let needs: u64 = todo
-        .iter()
-        .map(|f| f.size.div_ceil(4096) * 4096 + 4096)
-        .sum();
-    let vfs = nix::sys::statvfs::statvfs(target.as_path()).map_err(std::io::Error::from)?;
-    let has = vfs.blocks_available() as u64 * vfs.fragment_size() as u64;
-    if needs > has {
-        return Err(Error::NoSpace {
-            target: target.display().to_string(),
-            needs: iec(needs),
-            has: iec(has),
-        });
-    }
+    let parts = part_file::PartFiles::new(target.clone());
+    check_space(&target, &parts, &plan, &todo)?;
     tracing::info!(
         source = %source,
-        target = %target.display(),
+        target = %target.path().display(),
         files = plan.files.len(),
         bytes = %iec(plan.total_bytes()),
         resumed_files = resumed,
@@ -221,29 +319,14 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     );
 
     for d in &plan.dirs {
-        let path = target.join(d);
-        match std::fs::create_dir(&path) {
-            Ok(()) => {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.dir_mode))?;
-                if opts.uid.is_some() || opts.gid.is_some() {
-                    std::os::unix::fs::chown(&path, opts.uid, opts.gid)?;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
-            Err(e) => {
-                return Err(Error::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("creating {}: {e}", path.display()),
-                )));
-            }
-        }
+        target.create_dir(d, opts.dir_mode, (opts.uid, opts.gid))?;
     }
 
     let todo_bytes: u64 = todo.iter().map(|f| f.size).sum();
     let progress = Arc::new(progress::Progress::new(todo_bytes, todo.len() as u64));
     let copier = Arc::new(copy::Copier {
         fetcher: copy::Fetcher::new(store.clone(), opts.jobs, opts.memory),
-        target: target.clone(),
+        parts: parts.clone(),
         part_size: opts.part_size,
         verify: opts.verify,
         early_writeback: opts.early_writeback,
@@ -259,17 +342,28 @@ pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
         .try_collect::<Vec<()>>()
         .await;
     progress::finish_reporter(reporter, &progress, opts.progress);
-    result?;
+    if let Err(e) = result {
+        // The copies still under way were dropped with the stream; their part files (and
+        // any a blocking step creates after this) go, the journal stays for a rerun.
+        let removed = parts.remove_all();
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed the part files of unfinished copies"
+            );
+        }
+        return Err(e);
+    }
 
     if opts.fsync {
-        let dir = std::fs::File::open(target)?;
-        nix::unistd::syncfs(&dir).map_err(std::io::Error::from)?;
+        nix::unistd::syncfs(target.root()).map_err(std::io::Error::from)?;
     }
     drop(copier);
     Arc::try_unwrap(journal)
         .ok()
         .map(journal::Journal::finish)
         .transpose()?;
+    drop(lock);
     let summary = Summary {
         files: progress
             .files_done
