@@ -73,7 +73,7 @@ fn check_tree(target: &Path, files: &[(String, u64, u64)]) {
     walk(target, &mut |p| {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         assert!(
-            !name.ends_with(".fillfs-part"),
+            !name.ends_with(".fillfs-part") && !name.starts_with(".fillfs-part-"),
             "partial file left: {}",
             p.display()
         );
