@@ -187,24 +187,26 @@ impl Journal {
                 Mode::from_bits_truncate(0o600),
             )
         };
+        let not_a_journal = || Error::UnsafeTarget {
+            path: self.target.display(JOURNAL_NAME.as_ref()),
+            reason: "not a regular file, where fillfs keeps its journal (remove it)".into(),
+        };
         let fd = match open() {
             Err(Errno::ELOOP | Errno::EISDIR | Errno::ENXIO) => {
-                // Not a journal: a link, or something else at the name fillfs keeps for it.
+                // Not a journal: a link, or something else at the name fillfs keeps for it
+                // (a directory stays, and is named).
                 let _ = nix::unistd::unlinkat(
                     self.target.root(),
                     JOURNAL_NAME,
                     UnlinkatFlags::NoRemoveDir,
                 );
-                open().map_err(std::io::Error::from)?
+                open().map_err(|_| not_a_journal())?
             }
             other => other.map_err(std::io::Error::from)?,
         };
         let file = File::from(fd);
         if !file.metadata()?.is_file() {
-            return Err(Error::UnsafeTarget {
-                path: self.target.display(JOURNAL_NAME.as_ref()),
-                reason: "not a regular file, where fillfs keeps its journal (remove it)".into(),
-            });
+            return Err(not_a_journal());
         }
         Ok(file)
     }
@@ -287,6 +289,18 @@ mod tests {
         ));
         j.finish().unwrap();
         assert!(!dir.path().join(JOURNAL_NAME).exists());
+    }
+
+    #[test]
+    fn a_directory_at_the_journal_name_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(JOURNAL_NAME)).unwrap();
+        let target = Arc::new(Target::open(dir.path()).unwrap());
+        let j = Journal::load(target, "s3://b/").unwrap();
+        match j.record("x", &Copied::new(1, None, None, None)) {
+            Err(Error::UnsafeTarget { path, .. }) => assert!(path.ends_with(JOURNAL_NAME)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

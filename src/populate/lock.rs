@@ -29,7 +29,8 @@ pub const LOCK_NAME: &str = ".fillfs-populate.lock";
 /// The target's lock, held until dropped.
 #[derive(Debug)]
 pub struct FillLock {
-    dir: Flock<File>,
+    /// `None` on a file system that cannot lock (see [`FillLock::acquire`]).
+    dir: Option<Flock<File>>,
 }
 
 impl FillLock {
@@ -52,6 +53,12 @@ impl FillLock {
                     holder: holder(&dir)
                         .unwrap_or_else(|| "its pid and host are not recorded yet".into()),
                 });
+            }
+            // NFS without a lock manager, some FUSE file systems: a fill there is not
+            // refused, and cannot refuse a second one.
+            Err((_, e @ (Errno::ENOLCK | Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL))) => {
+                tracing::warn!(target = %target.path().display(), error = %e, "the target's file system cannot be locked; a second fill into it would not be refused");
+                return Ok(FillLock { dir: None });
             }
             Err((_, e)) => return Err(std::io::Error::from(e).into()),
         };
@@ -76,14 +83,16 @@ impl FillLock {
             tracing::debug!(error = %e, "could not record the lock holder");
         }
         tracing::debug!(holder = %me, "target locked");
-        Ok(FillLock { dir })
+        Ok(FillLock { dir: Some(dir) })
     }
 }
 
 impl Drop for FillLock {
     fn drop(&mut self) {
         // Removed while still locked; the lock goes with the descriptor right after.
-        let _ = nix::unistd::unlinkat(&*self.dir, LOCK_NAME, UnlinkatFlags::NoRemoveDir);
+        if let Some(dir) = &self.dir {
+            let _ = nix::unistd::unlinkat(&**dir, LOCK_NAME, UnlinkatFlags::NoRemoveDir);
+        }
     }
 }
 
