@@ -18,7 +18,7 @@ pub fn dockerfile_user() -> (i64, i64) {
     let user = last_stage
         .lines()
         .filter_map(|l| l.trim().strip_prefix("USER "))
-        .last()
+        .next_back()
         .unwrap_or("0");
     let mut parts = user.trim().split(':');
     let uid: i64 = parts.next().unwrap().parse().expect("numeric USER");
