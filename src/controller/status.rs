@@ -35,19 +35,26 @@ pub struct Memo {
     log_reads: Mutex<HashMap<String, Instant>>,
 }
 
-/// What this process last wrote to one populator's status.
+/// What this process last wrote to one populator's status (keyed by the populator's uid:
+/// a populator deleted and created again under its name starts afresh).
 #[derive(Default)]
 struct Written {
-    in_flight: Option<u32>,
+    /// Trusted over the store for [`TRUST_WRITTEN`] only: the store catches up within it,
+    /// and after it an outside change (a manual edit, another controller) is corrected.
+    in_flight: Option<(u32, Instant)>,
     valid: Option<(Option<i64>, String, String)>,
 }
 
+/// How long what this process wrote is preferred to what the store shows.
+const TRUST_WRITTEN: Duration = Duration::from_secs(30);
+
 impl Memo {
-    fn populator(&self, key: &str) -> Arc<tokio::sync::Mutex<Written>> {
+    fn populator(&self, cr: &OSSVolumePopulator) -> Arc<tokio::sync::Mutex<Written>> {
+        let key = cr.metadata.uid.clone().unwrap_or_else(|| populator_key(cr));
         self.populators
             .lock()
             .expect("memo lock")
-            .entry(key.to_string())
+            .entry(key)
             .or_default()
             .clone()
     }
@@ -104,10 +111,12 @@ pub async fn set_in_flight(
     cr: &OSSVolumePopulator,
     n: u32,
 ) -> Result<(), kube::Error> {
-    let lock = ctx.memo.populator(&populator_key(cr));
+    let lock = ctx.memo.populator(cr);
     let mut written = lock.lock().await;
     let shown = written
         .in_flight
+        .filter(|(_, at)| at.elapsed() < TRUST_WRITTEN)
+        .map(|(n, _)| n)
         .or(cr.status.as_ref().map(|s| s.in_flight));
     if shown == Some(n) {
         return Ok(());
@@ -125,7 +134,7 @@ pub async fn set_in_flight(
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e),
         Ok(_) => {
-            written.in_flight = Some(n);
+            written.in_flight = Some((n, Instant::now()));
             Ok(())
         }
     }
@@ -141,7 +150,7 @@ pub async fn count_finished(
     in_flight: u32,
 ) -> Result<(), kube::Error> {
     let key = populator_key(cr);
-    let lock = ctx.memo.populator(&key);
+    let lock = ctx.memo.populator(cr);
     let mut written = lock.lock().await;
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
@@ -171,7 +180,7 @@ pub async fn count_finished(
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
             Err(e) => return Err(e),
             Ok(_) => {
-                written.in_flight = Some(in_flight);
+                written.in_flight = Some((in_flight, Instant::now()));
                 return Ok(());
             }
         }
@@ -201,7 +210,7 @@ pub async fn set_valid(
     }) {
         return Ok(());
     }
-    let lock = ctx.memo.populator(&populator_key(cr));
+    let lock = ctx.memo.populator(cr);
     let mut written = lock.lock().await;
     let this = (generation, status.to_string(), message.clone());
     if written.valid.as_ref() == Some(&this) {
