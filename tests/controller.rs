@@ -21,7 +21,7 @@ use fillfs::controller::reconcile::{Context, ReconcileError, Stores, populator_r
 use fillfs::populate::ProgressLine;
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, Store};
@@ -157,10 +157,9 @@ fn prime(phase: &str, volume: Option<&str>) -> Value {
 
 /// `now` moved by `secs` seconds, as the API writes timestamps.
 fn ago(secs: i64) -> Value {
-    json!(
-        (chrono::Utc::now() - chrono::Duration::seconds(secs))
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    )
+    json!(fillfs::controller::claim::rfc3339_secs(
+        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)
+    ))
 }
 
 /// The fill pod of the seed populator (direct path), created 10 s ago.
@@ -1337,8 +1336,8 @@ async fn a_failed_fill_is_retried_with_backoff() {
         let annotations = decided.lock().unwrap().clone();
         let after = annotated(pvc, annotations.clone());
         let retry_after = annotations["fillfs.io/retry-after"].as_str().unwrap();
-        let at = chrono::DateTime::parse_from_rfc3339(retry_after).unwrap();
-        let ahead = (at.timestamp() - chrono::Utc::now().timestamp()) as u64;
+        let at: jiff::Timestamp = retry_after.parse().unwrap();
+        let ahead = (at.as_second() - jiff::Timestamp::now().as_second()) as u64;
         assert!((delay - 2..=delay).contains(&ahead), "{retry_after}");
         let gone = World::seed().prime(prime("Bound", Some("d-pv-1")));
         let (action, _) = run(after.clone(), &gone, vec![]).await;

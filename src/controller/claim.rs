@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -146,15 +146,24 @@ pub async fn cleanup(
     Ok(())
 }
 
+/// RFC 3339 in whole seconds, UTC (`2026-12-01T15:04:05Z`): how times are written on
+/// claims and conditions.
+pub fn rfc3339_secs(t: jiff::Timestamp) -> String {
+    // Truncated, as the API server writes them.
+    jiff::Timestamp::from_second(t.as_second())
+        .unwrap_or(t)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
 /// How long the backoff of the last transient failure still runs, if it does.
 pub fn retry_wait(pvc: &PersistentVolumeClaim) -> Option<Duration> {
     let at = annotation(pvc, ANN_RETRY_AFTER)?;
-    let Ok(at) = chrono::DateTime::parse_from_rfc3339(at) else {
+    let Ok(at) = at.parse::<jiff::Timestamp>() else {
         tracing::debug!(pvc = %pvc.name_any(), value = at, "unreadable {ANN_RETRY_AFTER}; ignored");
         return None;
     };
-    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
+    Duration::try_from(at.duration_since(jiff::Timestamp::now()))
         .ok()
         .filter(|d| !d.is_zero())
         // Whole seconds, rounded up: not woken a moment early.

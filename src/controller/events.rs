@@ -15,7 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource};
 
@@ -108,7 +108,7 @@ pub fn event(
             namespace: regarding.namespace.clone(),
             ..Default::default()
         },
-        event_time: Some(MicroTime(chrono::Utc::now())),
+        event_time: Some(MicroTime(jiff::Timestamp::now())),
         action: Some("Populate".into()),
         reason: Some(reason.into()),
         note: Some(note.into()),

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::ResourceExt;
 use kube::api::{ListParams, LogParams};
 use serde_json::json;
@@ -39,7 +39,7 @@ fn age(pod: &Pod) -> Duration {
     pod.metadata
         .creation_timestamp
         .as_ref()
-        .and_then(|t| (chrono::Utc::now() - t.0).to_std().ok())
+        .and_then(|t| Duration::try_from(jiff::Timestamp::now().duration_since(t.0)).ok())
         .unwrap_or_default()
 }
 

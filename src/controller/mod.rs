@@ -180,7 +180,7 @@ pub async fn run(opts: ControllerOptions) -> Result<(), RunError> {
         metrics.clone(),
     )
     .applied_objects()
-    .predicate_filter(predicates::generation);
+    .predicate_filter(predicates::generation, Default::default());
     // Read-only stores: nothing to trigger, only kept up to date.
     for stream in [
         reflected(

@@ -449,9 +449,11 @@ fn rrsa_token_volume() -> Volume {
                     audience: Some(RRSA_AUDIENCE.into()),
                     expiration_seconds: Some(3600),
                     path: "token".into(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             }]),
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -496,10 +496,12 @@ async fn failed(
             ANN_FAILED_POD: pod_uid,
         })
     } else {
-        let at = chrono::Utc::now()
-            + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(1));
+        let at = jiff::SignedDuration::try_from(delay)
+            .ok()
+            .and_then(|d| jiff::Timestamp::now().checked_add(d).ok())
+            .unwrap_or_else(|| jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24));
         json!({
-            ANN_RETRY_AFTER: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ANN_RETRY_AFTER: rfc3339_secs(at),
             ANN_ATTEMPTS: attempts.to_string(),
             ANN_FAILED_POD: pod_uid,
         })

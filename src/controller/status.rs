@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
+
+use super::claim::rfc3339_secs;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
@@ -220,11 +222,10 @@ pub async fn set_valid(
     let crs: Api<OSSVolumePopulator> =
         Api::namespaced(ctx.client.clone(), &cr.namespace().unwrap_or_default());
     // The transition time moves only when the status does.
-    let since = match current {
+    let since = rfc3339_secs(match current {
         Some(c) if c.status == status => c.last_transition_time.0,
-        _ => chrono::Utc::now(),
-    }
-    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        _ => jiff::Timestamp::now(),
+    });
     crs.patch_status(
         &cr.name_any(),
         &PatchParams::default(),
