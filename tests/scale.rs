@@ -58,7 +58,7 @@ use fillfs::populate::ProgressLine;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
-use k8s_openapi::chrono;
+use k8s_openapi::jiff;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::predicates;
@@ -370,7 +370,7 @@ impl State {
         );
         meta.insert(
             "creationTimestamp".into(),
-            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            json!(fillfs::controller::claim::rfc3339_secs(jiff::Timestamp::now())),
         );
         meta.insert("generation".into(), json!(1));
         meta.insert("resourceVersion".into(), json!(self.next_rv()));
