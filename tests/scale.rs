@@ -370,7 +370,9 @@ impl State {
         );
         meta.insert(
             "creationTimestamp".into(),
-            json!(fillfs::controller::claim::rfc3339_secs(jiff::Timestamp::now())),
+            json!(fillfs::controller::claim::rfc3339_secs(
+                jiff::Timestamp::now()
+            )),
         );
         meta.insert("generation".into(), json!(1));
         meta.insert("resourceVersion".into(), json!(self.next_rv()));
