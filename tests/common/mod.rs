@@ -159,6 +159,20 @@ pub fn fillfs() -> Command {
     c
 }
 
+/// [`fillfs`], or the build `FILLFS_BIN` names: runs a test against another build, e.g. the
+/// one before a fix, to see the test fail there.
+pub fn fillfs_under_test() -> Command {
+    let Some(bin) = std::env::var_os("FILLFS_BIN") else {
+        return fillfs();
+    };
+    let mut c = Command::new(bin);
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN");
+    c.env("RUST_LOG", "fillfs=debug,info");
+    c
+}
+
 /// `fillfs mount s3://BUCKET/prefix` against the emulator, with extra arguments; waits until
 /// the mount is live.
 pub fn mount_s3(emu: &Emulator, prefix: &str, extra: &[&str]) -> Mount {
