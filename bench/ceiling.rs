@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use fillfs::store::{Listed, SourceUrl, Store, StoreConfig};
+use fillfs::store::{Listed, SourceUrl, Store, StoreConfig, Version};
 use futures::StreamExt;
 
 #[derive(Parser)]
@@ -48,7 +48,10 @@ fn main() -> anyhow::Result<()> {
         let total: u64 = futures::stream::iter(ranges)
             .map(|(key, r)| {
                 let store = store.clone();
-                async move { store.read_range(&key, r).await.map(|b| b.len() as u64) }
+                async move {
+                    let b = store.read_range(&key, &Version::Any, r).await?;
+                    Ok::<_, fillfs::Error>(b.len() as u64)
+                }
             })
             .buffer_unordered(a.jobs)
             .fold(Ok(0u64), |acc: anyhow::Result<u64>, r| async move { Ok(acc? + r?) })

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use fillfs::store::{Credentials, Secret, SourceUrl, Store, StoreConfig};
+use fillfs::store::{Credentials, Secret, SourceUrl, Store, StoreConfig, Version};
 
 #[derive(Parser)]
 struct Args {
@@ -125,7 +125,7 @@ fn direct_read(
                         return Ok::<_, fillfs::Error>(());
                     }
                     let b = store
-                        .read_range("object.bin", off..(off + range).min(size))
+                        .read_range("object.bin", &Version::Any, off..(off + range).min(size))
                         .await?;
                     std::hint::black_box(b);
                 }

@@ -1,9 +1,10 @@
 //! The block cache: fixed-size blocks of objects in one byte-bounded in-memory cache.
 //!
-//! Keys are object *identity* (store, full key, version tag) plus block index, so a changed
+//! Keys are object *identity* (store, full key, [`Version`]) plus block index, so a changed
 //! object (new ETag) never serves stale blocks, and several mounts of one bucket (the CSI
-//! node plugin) can share blocks. Values are `Bytes`, so a hit hands out a reference, not a
-//! copy.
+//! node plugin) can share blocks. A miss is fetched pinned to the key's version, so a
+//! block's bytes are always that version's (or the fetch fails). Values are `Bytes`, so a
+//! hit hands out a reference, not a copy.
 //!
 //! moka with the LRU policy: the default TinyLFU refuses to admit new blocks while a stream
 //! passes through once, which is exactly the populate workload. `try_get_with` makes
@@ -14,7 +15,7 @@
 //!
 //! This module owns the cache and the fetch-on-miss of one block. It must not decide what to
 //! fetch ahead ([`crate::prefetch`]) or talk to the store other than via
-//! [`Store::read_range`].
+//! [`Store::read_range_into`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use moka::policy::EvictionPolicy;
 
 use crate::buffers::BufferPool;
 use crate::error::Error;
-use crate::store::Store;
+use crate::store::{Store, Version};
 
 /// What makes an object's bytes unique: store, full key and version (ETag, or size+mtime
 /// where the store has no ETag).
@@ -35,7 +36,8 @@ pub struct ObjectId {
     pub store: Arc<str>,
     /// Key relative to the store's root prefix.
     pub key: Arc<str>,
-    pub version: Arc<str>,
+    /// The version every block is fetched from (the store refuses another).
+    pub version: Version,
 }
 
 /// An object about to be read: its identity and length.
@@ -140,7 +142,10 @@ impl BlockCache {
             .try_get_with(key, async {
                 fetched.store(true, Ordering::Relaxed);
                 let buf = self.buffers.take((range.end - range.start) as usize);
-                let data = store.read_range_into(&obj.id.key, range, buf).await?;
+                let id = &obj.id;
+                let data = store
+                    .read_range_into(&id.key, &id.version, range, buf)
+                    .await?;
                 Ok::<_, Error>(self.buffers.into_bytes(data, ()))
             })
             .await?;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::store::ObjectMeta;
+use crate::store::{ObjectMeta, Version};
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -31,7 +31,8 @@ pub struct Node {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
-    pub etag: Option<String>,
+    /// What every read of this inode is pinned to ([`Version::Any`] for directories).
+    pub version: Version,
 }
 
 #[derive(Debug)]
@@ -53,7 +54,7 @@ impl InodeTable {
             kind: Kind::Dir,
             size: 0,
             mtime: now,
-            etag: None,
+            version: Version::Any,
         };
         InodeTable {
             nodes: HashMap::from([(ROOT_INO, Arc::new(root))]),
@@ -99,7 +100,7 @@ impl InodeTable {
             kind,
             size: meta.map_or(0, |m| m.size),
             mtime: meta.and_then(|m| m.mtime).unwrap_or(self.mount_time),
-            etag: meta.and_then(|m| m.etag.clone()),
+            version: meta.map_or(Version::Any, ObjectMeta::version),
         });
         self.nodes.insert(ino, node.clone());
         self.by_name.insert((parent.ino, name.to_string()), ino);

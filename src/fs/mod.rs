@@ -205,21 +205,11 @@ impl Fs {
         if node.kind != Kind::File {
             return Err(Error::errno(libc::EISDIR));
         }
-        let version = match &node.etag {
-            Some(etag) => etag.clone(),
-            None => format!(
-                "{}@{}",
-                node.size,
-                node.mtime
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
-            ),
-        };
         let obj = ObjectRef {
             id: Arc::new(ObjectId {
                 store: self.store_id.clone(),
                 key: node.key.as_str().into(),
-                version: version.into(),
+                version: node.version.clone(),
             }),
             size: node.size,
         };

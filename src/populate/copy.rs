@@ -26,7 +26,7 @@ use super::plan::FileJob;
 use super::progress::Progress;
 use crate::error::{Error, Result};
 use crate::store::response::with_object_crc64;
-use crate::store::{RangeChunks, Scheme, Store};
+use crate::store::{RangeChunks, Scheme, Store, Version, version};
 
 /// Semaphore unit for the memory budget.
 const KIB: u64 = 1024;
@@ -55,9 +55,14 @@ impl Fetcher {
         }
     }
 
-    /// One ranged GET, with the CRC-64 the store declared for the whole object and, then,
-    /// the CRC-64 of the range.
-    pub async fn fetch(&self, key: &str, range: std::ops::Range<u64>) -> Result<Fetched> {
+    /// One ranged GET of `version`, with the CRC-64 the store declared for the whole object
+    /// and, then, the CRC-64 of the range.
+    pub async fn fetch(
+        &self,
+        key: &str,
+        version: &Version,
+        range: std::ops::Range<u64>,
+    ) -> Result<Fetched> {
         let len = range.end - range.start;
         let _request = self.requests.acquire().await.expect("semaphore open");
         let units = len.div_ceil(KIB).clamp(1, u32::MAX as u64) as u32;
@@ -67,7 +72,7 @@ impl Fetcher {
             .acquire_many_owned(units)
             .await
             .expect("semaphore open");
-        let data = self.store.read_range_chunks(key, range).await?;
+        let data = self.store.read_range_chunks(key, version, range).await?;
         Ok(Fetched {
             data,
             _permit: permit,
@@ -93,12 +98,28 @@ pub struct RangeDone {
 }
 
 impl Fetcher {
-    /// One ranged GET written as it arrives: every [`WRITE_BATCH`] bytes, `write(chunks,
-    /// offset)` runs on the blocking pool. Memory per range stays near one batch, and the
-    /// CRC of each chunk is taken as it arrives.
+    /// [`fetch_version_to`](Self::fetch_version_to) of whatever version the store holds
+    /// (`block.rs`; it should pass the version it stat'ed).
     pub async fn fetch_to<W>(
         &self,
         key: &str,
+        range: std::ops::Range<u64>,
+        write: W,
+    ) -> Result<RangeDone>
+    where
+        W: Fn(&[bytes::Bytes], u64) -> std::io::Result<()> + Clone + Send + 'static,
+    {
+        self.fetch_version_to(key, &Version::Any, range, write)
+            .await
+    }
+
+    /// One ranged GET of `version` written as it arrives: every [`WRITE_BATCH`] bytes,
+    /// `write(chunks, offset)` runs on the blocking pool. Memory per range stays near one
+    /// batch, and the CRC of each chunk is taken as it arrives.
+    pub async fn fetch_version_to<W>(
+        &self,
+        key: &str,
+        version: &Version,
         range: std::ops::Range<u64>,
         write: W,
     ) -> Result<RangeDone>
@@ -123,7 +144,7 @@ impl Fetcher {
             .await
             .expect("semaphore open");
         let (written, declared) = with_object_crc64(async {
-            let mut reader = self.store.open_range(key, range).await?;
+            let mut reader = self.store.open_range(key, version, range).await?;
             let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
             let (mut batch, mut batch_len, mut at) = (Vec::new(), 0u64, start);
             loop {
@@ -185,15 +206,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Copier {
-    /// Copies one object, retrying once on a checksum mismatch, and records it as done.
+    /// Copies one object, retrying once on a checksum mismatch or, with its new version, on
+    /// an overwrite mid-copy, and records it as done.
     pub async fn copy_file(self: Arc<Self>, job: FileJob) -> Result<()> {
-        let job = Arc::new(job);
+        let mut job = Arc::new(job);
         let final_path = job.rel.clone();
+        let rel = job.rel.display().to_string();
         let wrap = |e: Error| Error::Copy {
-            path: job.rel.display().to_string(),
+            path: rel.clone(),
             cause: Box::new(e),
         };
         let mut result = self.clone().try_copy(&job, &final_path).await;
+        if let Err(e) = &result
+            && version::changed(e)
+        {
+            tracing::warn!(file = %rel, error = %e, "object changed while being copied, fetching its new version");
+            let meta = self.fetcher.store.stat(&job.key).await.map_err(wrap)?;
+            job = Arc::new(FileJob {
+                size: meta.size,
+                etag: meta.etag,
+                mtime: meta.mtime,
+                ..(*job).clone()
+            });
+            result = self.clone().try_copy(&job, &final_path).await;
+        }
         if let Err(Error::ChecksumMismatch { expected, got, .. }) = &result {
             tracing::warn!(file = %job.rel.display(), %expected, %got, "checksum mismatch, fetching the file again");
             result = self.clone().try_copy(&job, &final_path).await;
@@ -232,6 +268,7 @@ impl Copier {
             crc64: None,
             md5: integrity::etag_md5(job.etag.as_deref()),
         };
+        let version = Version::of(job.etag.as_deref(), job.size, job.mtime);
         let written = std::sync::atomic::AtomicU64::new(0);
         let ew = self.early_writeback;
         let mut part: Option<Arc<PartFile>> = None;
@@ -239,7 +276,7 @@ impl Copier {
             let mut checked = Checked::SizeOnly;
             if job.size <= self.part_size {
                 // One GET, checked from memory, then create + write in one blocking hop.
-                let f = self.fetcher.fetch(&job.key, 0..job.size).await?;
+                let f = self.fetcher.fetch(&job.key, &version, 0..job.size).await?;
                 expected.crc64 = f.data.declared_crc64;
                 if let Some(want) = f.data.declared_crc64 {
                     integrity::check_crc64(&job.key, want, f.data.crc64)?;
@@ -266,11 +303,10 @@ impl Copier {
                 part = Some(p.clone());
                 let mut tasks = tokio::task::JoinSet::new();
                 for r in split_ranges(job.size, self.part_size) {
-                    let (me, p, job) = (self.clone(), p.clone(), job.clone());
+                    let (me, p, job, v) = (self.clone(), p.clone(), job.clone(), version.clone());
                     tasks.spawn(async move {
-                        me.fetcher
-                            .fetch_to(&job.key, r, move |c, off| p.write_chunks_at(c, off))
-                            .await
+                        let write = move |c: &[bytes::Bytes], off| p.write_chunks_at(c, off);
+                        me.fetcher.fetch_version_to(&job.key, &v, r, write).await
                     });
                 }
                 let mut crcs = RangeCrcs::default();

@@ -305,7 +305,7 @@ impl Drop for Prefetcher {
 mod tests {
     use super::*;
     use crate::cache::ObjectId;
-    use crate::store::{SourceUrl, StoreConfig};
+    use crate::store::{SourceUrl, StoreConfig, Version};
 
     const BS: u64 = 64 * 1024;
 
@@ -320,7 +320,7 @@ mod tests {
             id: Arc::new(ObjectId {
                 store: "t".into(),
                 key: "obj".into(),
-                version: "1".into(),
+                version: Version::Any,
             }),
             size,
         };

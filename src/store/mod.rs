@@ -4,17 +4,20 @@
 //! with OpenDAL's retry layer (exponential backoff with jitter; it also resumes a body that
 //! breaks mid-stream) and timeout layer around it. On top it adds what OpenDAL's layers don't
 //! give us: the byte-rate [`RateLimiter`]s (OpenDAL's ThrottleLayer only limits writes) and
-//! byte/request counters. FUSE reads, prefetch and populate all call [`Store::read_range`];
-//! nothing else may read object data, so the limiter and counters see everything.
+//! byte/request counters. FUSE reads, prefetch and populate all call [`Store::open_range`]
+//! (or a helper over it); nothing else may read object data, so the limiter and counters
+//! see everything. Every read is pinned to the [`Version`] its caller listed, so no reader
+//! ever gets bytes of two versions of one object (see [`version`]).
 //!
 //! This module owns: building operators, preflight checks with clear errors, LIST with a
-//! delimiter, ranged reads. It must not cache (that is [`crate::cache`]) nor decide what to
-//! read ahead (that is [`crate::prefetch`]).
+//! delimiter, ranged reads pinned to a version. It must not cache (that is
+//! [`crate::cache`]) nor decide what to read ahead (that is [`crate::prefetch`]).
 
 pub mod credentials;
 pub mod operator;
 pub mod response;
 pub mod url;
+pub mod version;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use opendal::{EntryMode, ErrorKind, Operator};
 
 pub use credentials::{Credentials, Rrsa, Secret};
 pub use url::{Scheme, SourceUrl};
+pub use version::Version;
 
 use crate::error::{Error, Result};
 use crate::limit::RateLimiter;
@@ -67,8 +71,15 @@ impl StoreConfig {
 pub struct ObjectMeta {
     pub size: u64,
     pub mtime: Option<SystemTime>,
-    /// ETag (or version id) when the store has one; identifies the content for caching.
+    /// ETag when the store has one; identifies the content for caching and pinning.
     pub etag: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The version reads of this object are pinned to.
+    pub fn version(&self) -> Version {
+        Version::of(self.etag.as_deref(), self.size, self.mtime)
+    }
 }
 
 /// One child of a listed directory. `name` is a single path component, not yet checked
@@ -291,13 +302,18 @@ impl Store {
         Ok(object_meta(&self.op.stat(key).await?))
     }
 
-    /// Reads `range` of `key` with one ranged GET, paying every chunk to the limiters as it
-    /// arrives (so the network, not just the caller, is paced). Errors if the store returns
-    /// fewer bytes than asked for.
-    pub async fn read_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+    /// Reads `range` of version `version` of `key` with one ranged GET, paying every chunk
+    /// to the limiters as it arrives (so the network, not just the caller, is paced). Errors
+    /// if the store returns fewer bytes than asked for, or holds another version.
+    pub async fn read_range(
+        &self,
+        key: &str,
+        version: &Version,
+        range: Range<u64>,
+    ) -> Result<Bytes> {
         let want = (range.end - range.start) as usize;
         Ok(self
-            .read_range_into(key, range, BytesMut::with_capacity(want))
+            .read_range_into(key, version, range, BytesMut::with_capacity(want))
             .await?
             .freeze())
     }
@@ -307,12 +323,13 @@ impl Store {
     pub async fn read_range_into(
         &self,
         key: &str,
+        version: &Version,
         range: Range<u64>,
         mut out: BytesMut,
     ) -> Result<BytesMut> {
         out.clear();
         out.reserve((range.end - range.start) as usize);
-        self.read_each(key, range, |chunk| out.extend_from_slice(&chunk))
+        self.read_each(key, version, range, |chunk| out.extend_from_slice(&chunk))
             .await?;
         Ok(out)
     }
@@ -321,11 +338,16 @@ impl Store {
     /// into one buffer (a copier writes them with one `pwritev`). The CRC-64 of these
     /// bytes is taken chunk by chunk as they arrive, while they are still in the CPU's
     /// cache, and returned with the one the response declared for the object, if any.
-    pub async fn read_range_chunks(&self, key: &str, range: Range<u64>) -> Result<RangeChunks> {
+    pub async fn read_range_chunks(
+        &self,
+        key: &str,
+        version: &Version,
+        range: Range<u64>,
+    ) -> Result<RangeChunks> {
         let mut chunks = Vec::new();
         let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
         let (res, declared) = response::with_object_crc64(async {
-            self.read_each(key, range.clone(), |chunk| {
+            self.read_each(key, version, range.clone(), |chunk| {
                 crc.update(&chunk);
                 chunks.push(chunk);
             })
@@ -346,36 +368,79 @@ impl Store {
     async fn read_each(
         &self,
         key: &str,
+        version: &Version,
         range: Range<u64>,
         mut sink: impl FnMut(Bytes),
     ) -> Result<()> {
-        let mut reader = self.open_range(key, range).await?;
+        let mut reader = self.open_range(key, version, range).await?;
         while let Some(chunk) = reader.next_chunk().await? {
             sink(chunk);
         }
         Ok(())
     }
 
-    /// Starts one ranged GET whose chunks the caller pulls with
-    /// [`RangeReader::next_chunk`] (a copier writes them as they come). Run it inside
+    /// Starts one ranged GET of version `version` of `key`, whose chunks the caller pulls
+    /// with [`RangeReader::next_chunk`] (a copier writes them as they come). Run it inside
     /// [`response::with_object_crc64`] to learn the CRC-64 the response declares.
-    pub async fn open_range(&self, key: &str, range: Range<u64>) -> Result<RangeReader> {
+    ///
+    /// An ETag is sent as `If-Match` (where the service supports it: S3, OSS); a changed
+    /// object then fails the read with [`version::changed`] true, before any byte of it.
+    pub async fn open_range(
+        &self,
+        key: &str,
+        version: &Version,
+        range: Range<u64>,
+    ) -> Result<RangeReader> {
         let want = range.end - range.start;
         let stream = if want == 0 {
             None
         } else {
             self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-            let reader = self.op.reader_with(key).await?;
-            Some(reader.into_stream(range.clone()).await?)
+            let mut read = self.op.reader_with(key);
+            if let Version::ETag(etag) = version
+                && self.op.info().capability().read_with_if_match
+            {
+                read = read.if_match(etag);
+            }
+            let stream = async { read.await?.into_stream(range.clone()).await }.await;
+            Some(stream.map_err(|e| self.read_error(key, version, e))?)
         };
         Ok(RangeReader {
             store: self.clone(),
             key: key.to_string(),
+            version: version.clone(),
             range,
             stream,
             pending: Default::default(),
             got: 0,
         })
+    }
+
+    /// A failed read's error; a failed condition says which object changed, in words.
+    fn read_error(&self, key: &str, version: &Version, e: opendal::Error) -> Error {
+        if e.kind() == ErrorKind::ConditionNotMatch {
+            tracing::debug!(key, error = %e, "read refused: the object changed");
+            return version::changed_error(key, version, "the store answers 412 to If-Match");
+        }
+        Error::Store(e)
+    }
+
+    /// For a store without ETags: fails unless `key` still has the size and modification
+    /// time it was listed with. Run after a range has been read, so a change before or
+    /// during the read shows.
+    async fn check_unchanged(&self, key: &str, version: &Version) -> Result<()> {
+        let Version::Stat { size, mtime } = version else {
+            return Ok(());
+        };
+        let now = self.stat(key).await?;
+        if now.size != *size || now.mtime != Some(*mtime) {
+            let detail = match now.version() {
+                Version::Any => "now without a modification time".to_string(),
+                v => format!("now {v}"),
+            };
+            return Err(version::changed_error(key, version, &detail));
+        }
+        Ok(())
     }
 }
 
@@ -383,6 +448,7 @@ impl Store {
 pub struct RangeReader {
     store: Store,
     key: String,
+    version: Version,
     range: Range<u64>,
     stream: Option<opendal::BufferStream>,
     pending: std::collections::VecDeque<Bytes>,
@@ -391,7 +457,7 @@ pub struct RangeReader {
 
 impl RangeReader {
     /// The next chunk, paid to the limiters; `None` at the end, which is an error unless
-    /// exactly the range's length arrived.
+    /// exactly the range's length arrived from the version the read was pinned to.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
         loop {
             if let Some(c) = self.pending.pop_front() {
@@ -400,7 +466,9 @@ impl RangeReader {
             let Some(stream) = self.stream.as_mut() else {
                 return Ok(None);
             };
-            let Some(buf) = stream.try_next().await? else {
+            let next = stream.try_next().await;
+            let next = next.map_err(|e| self.store.read_error(&self.key, &self.version, e))?;
+            let Some(buf) = next else {
                 break;
             };
             let n = buf.len() as u64;
@@ -422,6 +490,7 @@ impl RangeReader {
                 got: self.got,
             });
         }
+        self.store.check_unchanged(&self.key, &self.version).await?;
         Ok(None)
     }
 }
@@ -444,7 +513,8 @@ fn object_meta(meta: &opendal::Metadata) -> ObjectMeta {
     ObjectMeta {
         size: meta.content_length(),
         mtime: meta.last_modified().map(SystemTime::from),
-        etag: meta.etag().or(meta.version()).map(str::to_string),
+        // Not the version id: reads are pinned with If-Match, which compares ETags.
+        etag: meta.etag().map(str::to_string),
     }
 }
 
