@@ -1,8 +1,14 @@
 //! The inode table: stable inode numbers for the paths the kernel has seen.
 //!
-//! One inode per (parent, name); its attributes are refreshed whenever the parent's listing
-//! is refreshed. Inodes are kept for the life of the mount (the kernel's `forget` is not
-//! tracked yet), which costs ~150 bytes per entry seen. It must not do I/O.
+//! One inode per (parent, name) *and version*: a file's attributes are refreshed whenever
+//! the parent's listing is refreshed, but a listing that shows the file with another
+//! version (a new ETag, or a new size or mtime where there is none) gives the path a new
+//! inode. Each inode is therefore one version of one object, for good: its handles read
+//! that version or fail, and the kernel's page cache of an inode never mixes two versions,
+//! so files can be opened with `FOPEN_KEEP_CACHE`. The replaced inode stays valid for the
+//! files still open on it. Inodes are kept for the life of the mount (the kernel's
+//! `forget` is not tracked yet), which costs ~150 bytes per entry or version seen. It must
+//! not do I/O.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,26 +74,31 @@ impl InodeTable {
         self.nodes.get(&ino).cloned()
     }
 
-    /// Inserts or refreshes child `name` of `parent`; a path that changed kind (file ↔ dir)
-    /// gets a new inode so the kernel never sees a file turn into a directory in place.
+    /// Inserts or refreshes child `name` of `parent`. A path that changed kind (file ↔ dir)
+    /// or version gets a new inode, so the kernel never sees a file turn into a directory
+    /// or into other bytes in place. Returns the node and whether it replaced an inode the
+    /// kernel may still have cached under this name.
     pub fn upsert(
         &mut self,
         parent: &Node,
         name: &str,
         kind: Kind,
         meta: Option<&ObjectMeta>,
-    ) -> Arc<Node> {
+    ) -> (Arc<Node>, bool) {
         let key = match kind {
             Kind::File => format!("{}{name}", parent.key),
             Kind::Dir => format!("{}{name}/", parent.key),
         };
-        let existing = self
+        let version = meta.map_or(Version::Any, ObjectMeta::version);
+        let previous = self
             .by_name
             .get(&(parent.ino, name.to_string()))
-            .and_then(|ino| self.nodes.get(ino))
-            .filter(|n| n.kind == kind)
+            .and_then(|ino| self.nodes.get(ino));
+        let same = previous
+            .filter(|n| n.kind == kind && n.version == version)
             .map(|n| n.ino);
-        let ino = existing.unwrap_or_else(|| {
+        let replaced = previous.is_some() && same.is_none();
+        let ino = same.unwrap_or_else(|| {
             let ino = self.next;
             self.next += 1;
             ino
@@ -100,16 +111,50 @@ impl InodeTable {
             kind,
             size: meta.map_or(0, |m| m.size),
             mtime: meta.and_then(|m| m.mtime).unwrap_or(self.mount_time),
-            version: meta.map_or(Version::Any, ObjectMeta::version),
+            version,
         });
         self.nodes.insert(ino, node.clone());
         self.by_name.insert((parent.ino, name.to_string()), ino);
-        node
+        (node, replaced)
     }
 }
 
 impl Default for InodeTable {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(etag: &str, size: u64) -> ObjectMeta {
+        ObjectMeta {
+            size,
+            mtime: None,
+            etag: Some(etag.into()),
+        }
+    }
+
+    #[test]
+    fn a_new_version_is_a_new_inode_and_the_old_one_stays_readable() {
+        let mut t = InodeTable::new();
+        let root = t.get(ROOT_INO).unwrap();
+        let (a, replaced) = t.upsert(&root, "f", Kind::File, Some(&meta("\"a\"", 5)));
+        assert!(!replaced);
+        let (again, replaced) = t.upsert(&root, "f", Kind::File, Some(&meta("\"a\"", 5)));
+        assert_eq!(
+            (again.ino, replaced),
+            (a.ino, false),
+            "same version, same inode"
+        );
+        let (b, replaced) = t.upsert(&root, "f", Kind::File, Some(&meta("\"b\"", 5)));
+        assert!(replaced && b.ino != a.ino);
+        assert_eq!(b.version, Version::ETag("\"b\"".into()));
+        let old = t.get(a.ino).expect("open handles keep using the old inode");
+        assert_eq!(old.version, Version::ETag("\"a\"".into()));
+        let (d, replaced) = t.upsert(&root, "f", Kind::Dir, None);
+        assert!(replaced && d.ino != b.ino, "a file that became a directory");
     }
 }

@@ -11,13 +11,19 @@
 //!
 //! Data. `open` creates a handle with its own [`Prefetcher`]; `read` plans under the
 //! handle's lock and awaits outside it.
+//!
+//! Versions. An inode is one version of an object (see [`inode`]); every read of a handle
+//! is pinned to it, so a handle reads that version or gets EIO once the object has been
+//! overwritten, never a mix. A refreshed listing that shows a new version gives the path a
+//! new inode and tells the kernel to drop the old name ([`Fs::on_replaced`]), so the next
+//! open after the TTL switches cleanly to the new version.
 
 pub mod inode;
 pub mod names;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -58,6 +64,9 @@ struct OpenFile {
     prefetcher: Mutex<Prefetcher>,
 }
 
+/// Called with (parent, name) of a path whose listing shows a new version.
+type ReplacedHook = Box<dyn Fn(Ino, &str) + Send + Sync>;
+
 /// The file system over one store.
 pub struct Fs {
     store: Store,
@@ -69,6 +78,7 @@ pub struct Fs {
     listings: Cache<Ino, Listing>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
+    on_replaced: OnceLock<ReplacedHook>,
 }
 
 impl Fs {
@@ -96,7 +106,16 @@ impl Fs {
             listings,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            on_replaced: OnceLock::new(),
         }
+    }
+
+    /// Sets what to do when a refreshed listing shows a path with a new version (the FUSE
+    /// adapter tells the kernel to forget the name, so its next lookup finds the new
+    /// inode). Called from a listing load, possibly inside a lookup the kernel is waiting
+    /// for: `hook` must not block on the kernel. Only the first call counts.
+    pub fn on_replaced(&self, hook: impl Fn(Ino, &str) + Send + Sync + 'static) {
+        let _ = self.on_replaced.set(Box::new(hook));
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -162,8 +181,12 @@ impl Fs {
         }
         let mut inodes = self.inodes.lock().expect("inode lock");
         let mut entries = Vec::with_capacity(dirs.len() + files.len());
+        let mut replaced = Vec::new();
         for name in &dirs {
-            let n = inodes.upsert(&dir, name, Kind::Dir, None);
+            let (n, new) = inodes.upsert(&dir, name, Kind::Dir, None);
+            if new {
+                replaced.push(name.as_str());
+            }
             entries.push(DirEntry {
                 ino: n.ino,
                 name: name.clone(),
@@ -175,12 +198,22 @@ impl Fs {
                 tracing::warn!(dir = %dir.key, name = %name, "key is both an object and a prefix; showing the directory");
                 continue;
             }
-            let n = inodes.upsert(&dir, name, Kind::File, Some(meta));
+            let (n, new) = inodes.upsert(&dir, name, Kind::File, Some(meta));
+            if new {
+                tracing::info!(key = %n.key, version = %n.version, "object changed; new inode");
+                replaced.push(name.as_str());
+            }
             entries.push(DirEntry {
                 ino: n.ino,
                 name: name.clone(),
                 kind: Kind::File,
             });
+        }
+        drop(inodes);
+        if let Some(hook) = self.on_replaced.get() {
+            for name in replaced {
+                hook(dir.ino, name);
+            }
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Arc::new(entries))

@@ -5,6 +5,11 @@
 //! [`spawn`] mounts, tunes the kernel connection (read-ahead, background requests) and
 //! serves from background threads, returning a [`MountHandle`] (the CSI node plugin holds
 //! many). [`mount`] is `fillfs mount`: spawn, then serve until SIGINT/SIGTERM or `umount`.
+//!
+//! Files are opened with `FOPEN_KEEP_CACHE`: an inode is one version of an object (see
+//! [`crate::fs::inode`]), so its page cache can never hold another version's bytes. When a
+//! listing shows a new version, [`forget_replaced_names`] tells the kernel to drop the
+//! name's cached entry, so the next open looks it up and gets the new inode.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -345,13 +350,18 @@ pub fn spawn(fs: Arc<Fs>, rt: Handle, mountpoint: &Path, cfg: &MountConfig) -> R
     options.clone_fd = cfg.threads > 1;
 
     let ttl = fs.config().metadata_ttl;
-    let adapter = Adapter { fs, rt, ttl };
+    let adapter = Adapter {
+        fs: fs.clone(),
+        rt,
+        ttl,
+    };
     let session = fuser::Session::new(adapter, mountpoint, &options).map_err(|e| {
         Error::Io(std::io::Error::new(
             e.kind(),
             format!("mounting at {}: {e}", mountpoint.display()),
         ))
     })?;
+    forget_replaced_names(&fs, session.notifier())?;
     if cfg.kernel_read_ahead > 0 {
         tune_bdi_readahead(mountpoint, cfg.kernel_read_ahead);
     }
@@ -390,6 +400,29 @@ pub fn mount(
         }
     });
     handle.join()
+}
+
+/// Makes the kernel drop its cached entry of every name whose listing shows a new version
+/// (FUSE_NOTIFY_INVAL_ENTRY), so the next lookup returns the new inode instead of the old
+/// one for up to another TTL. The notifications go out from a thread of their own: the
+/// kernel handles one under the directory's lock, which a lookup waiting for the very
+/// listing that found the change may hold. The thread ends with the file system.
+fn forget_replaced_names(fs: &Fs, notifier: fuser::Notifier) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, String)>();
+    std::thread::Builder::new()
+        .name("fillfs-inval".into())
+        .spawn(move || {
+            for (parent, name) in rx {
+                // ENOENT: the kernel had no entry cached; nothing to drop.
+                if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(&name)) {
+                    tracing::debug!(parent, name, error = %e, "inval_entry");
+                }
+            }
+        })?;
+    fs.on_replaced(move |parent, name| {
+        let _ = tx.send((parent, name.to_string()));
+    });
+    Ok(())
 }
 
 /// The kernel offers FUSE only 128 KiB of read-ahead at INIT; as root we can raise the
