@@ -416,7 +416,7 @@ fn start_node_plugin(node: &Node, force_uid: Option<i64>) -> (Child, PathBuf) {
         .find(|d| d["kind"] == "DaemonSet")
         .map(|d| serde_json::from_value(d).unwrap())
         .unwrap();
-    let mut spec = ds.spec.unwrap().template.spec.unwrap();
+    let mut spec = ds.spec.template.spec.unwrap();
     let mut c = spec
         .containers
         .iter()
