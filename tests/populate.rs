@@ -2,13 +2,16 @@
 //! loop device for the full-volume case, a real SIGKILL for resume.
 
 mod common;
+#[path = "common/loopfs.rs"]
+mod loopfs;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::*;
+use loopfs::{LoopDev, LoopFs};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -420,86 +423,11 @@ fn missing_bucket_fails_with_a_clear_error() {
     );
 }
 
-/// A loop device over a sparse image file, detached on drop.
-struct LoopDev {
-    _img: tempfile::TempDir,
-    dev: String,
-}
-
-impl LoopDev {
-    fn new(size_mib: u64) -> Option<LoopDev> {
-        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true but loop devices are unavailable");
-            }
-            eprintln!("SKIPPED: loop-device tests need root and /dev/loop-control");
-            return None;
-        }
-        let img = tempfile::tempdir().unwrap();
-        let file: PathBuf = img.path().join("fs.img");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(size_mib * MIB)
-            .unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Some(LoopDev { _img: img, dev })
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-/// A small ext4 file system on a loop device, unmounted on drop.
-struct LoopFs {
-    mnt: tempfile::TempDir,
-    _dev: LoopDev,
-}
-
-impl LoopFs {
-    fn new(size_mib: u64) -> Option<LoopFs> {
-        let dev = LoopDev::new(size_mib)?;
-        assert!(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", &dev.dev])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let mnt = tempfile::tempdir().unwrap();
-        assert!(
-            Command::new("mount")
-                .arg(&dev.dev)
-                .arg(mnt.path())
-                .status()
-                .unwrap()
-                .success()
-        );
-        Some(LoopFs { mnt, _dev: dev })
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.mnt.path()).status();
-    }
-}
-
 #[test]
 fn a_fill_that_cannot_fit_fails_before_writing() {
-    let Some(fs) = LoopFs::new(32) else { return };
+    let Some(fs) = LoopFs::new(32, &[]) else {
+        return;
+    };
     let emu = emulator();
     for i in 0..4 {
         emu.put_object(

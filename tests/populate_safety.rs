@@ -6,6 +6,8 @@
 //! and (as root) real ext4 file systems on loop devices.
 
 mod common;
+#[path = "common/loopfs.rs"]
+mod loopfs;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::*;
+use loopfs::LoopFs;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -430,86 +433,7 @@ fn a_second_fill_into_a_target_being_filled_is_refused_naming_the_holder() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Loop-device file systems (root).
-
-/// A loop device over a sparse image file, detached on drop.
-struct LoopDev {
-    _img: tempfile::TempDir,
-    dev: String,
-}
-
-impl LoopDev {
-    fn new(size_mib: u64) -> Option<LoopDev> {
-        if !is_root() || !Path::new("/dev/loop-control").exists() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true but loop devices are unavailable");
-            }
-            eprintln!("SKIPPED: loop-device tests need root and /dev/loop-control");
-            return None;
-        }
-        let img = tempfile::tempdir().unwrap();
-        let file: PathBuf = img.path().join("fs.img");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(size_mib * MIB)
-            .unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Some(LoopDev { _img: img, dev })
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-    }
-}
-
-/// An ext4 file system (made with `mkfs_args`) on a loop device, unmounted on drop.
-struct LoopFs {
-    mnt: tempfile::TempDir,
-    _dev: LoopDev,
-}
-
-impl LoopFs {
-    fn new(size_mib: u64, mkfs_args: &[&str]) -> Option<LoopFs> {
-        let dev = LoopDev::new(size_mib)?;
-        assert!(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .args(mkfs_args)
-                .arg(&dev.dev)
-                .status()
-                .unwrap()
-                .success()
-        );
-        let mnt = tempfile::tempdir().unwrap();
-        assert!(
-            Command::new("mount")
-                .arg(&dev.dev)
-                .arg(mnt.path())
-                .status()
-                .unwrap()
-                .success()
-        );
-        Some(LoopFs { mnt, _dev: dev })
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.mnt.path()).status();
-    }
-}
+// Loop-device file systems (root): `tests/common/loopfs.rs`.
 
 fn free_bytes(dir: &Path) -> u64 {
     let v = nix::sys::statvfs::statvfs(dir).unwrap();
