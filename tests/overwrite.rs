@@ -274,3 +274,50 @@ fn a_fill_from_a_directory_overwritten_mid_copy_writes_one_version_or_fails() {
     eprintln!("MEASURED: fill from a directory across an overwrite wrote {written:?}");
     assert_eq!(written, Some(B), "the changed file is fetched again, once");
 }
+
+/// `--block`: a disk image overwritten while it is written raw (no CRC-64 declared): one
+/// image whole, or a failure that says the object changed; never a device of two images.
+#[test]
+fn a_raw_image_overwritten_mid_write_is_one_image_or_fails() {
+    let emu = emulator();
+    emu.set_declare_crc64(false);
+    put(&emu, "img/disk.img", A);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let child = populate_cmd(
+        &format!("s3://{BUCKET}/img/disk.img"),
+        &image,
+        &[
+            "--endpoint",
+            &emu.endpoint(),
+            "--region",
+            "us-east-1",
+            "--block",
+        ],
+    )
+    .args(["--jobs", "2", "--throughput", "10"])
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while emu.stats().get_bytes < 16 * MIB {
+        assert!(Instant::now() < deadline, "the fill did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    put(&emu, "img/disk.img", B);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let data = std::fs::read(&image).unwrap();
+        let first = version_of("the image", &data[..MIB as usize], 0);
+        for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+            let v = version_of("the image", chunk, i as u64 * MIB);
+            assert_eq!(v, first, "the image mixes A and B at MiB {i}");
+        }
+    } else {
+        assert!(
+            stderr.contains("changed since it was listed"),
+            "a failed image fill says the object changed: {stderr}"
+        );
+    }
+    eprintln!("MEASURED: raw image across an overwrite: {}", out.status);
+}

@@ -88,13 +88,21 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     let progress = Arc::new(Progress::new(meta.size, 1));
     let reporter = progress::spawn_reporter(progress.clone(), opts.progress);
     let early = opts.early_writeback;
+    // Every range of the image from the version just looked at: an object replaced
+    // mid-write fails the fill (412), never leaves a device of two images.
+    let version = meta.version();
     let mut tasks = tokio::task::JoinSet::new();
     for r in split_ranges(meta.size, opts.part_size) {
-        let (fetcher, file, key, progress) =
-            (fetcher.clone(), file.clone(), key.clone(), progress.clone());
+        let (fetcher, file, key, progress, version) = (
+            fetcher.clone(),
+            file.clone(),
+            key.clone(),
+            progress.clone(),
+            version.clone(),
+        );
         tasks.spawn(async move {
             let done = fetcher
-                .fetch_to(&key, r, move |chunks, off| {
+                .fetch_version_to(&key, &version, r, move |chunks, off| {
                     let n = super::part_file::write_all_vectored_at(&file, chunks, off)?;
                     if early {
                         super::part_file::start_writeback(&file, off, n);
@@ -114,10 +122,13 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
             .and_then(|r| r)
         {
             Ok(d) => crcs.add(d.offset, d.len, d.crc64, d.declared_crc64),
-            Err(e) => {
+            // The first error is the one to report: the tasks aborted after it end as
+            // "cancelled", which says nothing.
+            Err(e) if result.is_ok() => {
                 tasks.abort_all();
                 result = Err(e);
             }
+            Err(_) => {}
         }
     }
     progress::finish_reporter(reporter, &progress, opts.progress);
