@@ -189,6 +189,16 @@ fn populate_cmd(source: &str, target: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
+/// Waits until a running fill has read 16 MiB, then puts B over `key`.
+fn overwrite_after_16_mib(emu: &Emulator, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while emu.stats().get_bytes < 16 * MIB {
+        assert!(Instant::now() < deadline, "the fill did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    put(emu, key, B);
+}
+
 /// Checks a fill that ran across an overwrite of `file`: success with all of A or all of
 /// B, or a failure that names the file and says it changed. Returns the version written.
 fn check_fill(out: std::process::Output, file: &Path) -> Option<u64> {
@@ -231,12 +241,7 @@ fn a_fill_overwritten_mid_copy_writes_one_version_or_fails() {
     .args(["--jobs", "2", "--throughput", "10"])
     .spawn()
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while emu.stats().get_bytes < 16 * MIB {
-        assert!(Instant::now() < deadline, "the fill did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    put(&emu, "fill/big.bin", B);
+    overwrite_after_16_mib(&emu, "fill/big.bin");
     let written = check_fill(
         child.wait_with_output().unwrap(),
         &target.path().join("big.bin"),
@@ -298,12 +303,7 @@ fn a_raw_image_overwritten_mid_write_is_one_image_or_fails() {
     .args(["--jobs", "2", "--throughput", "10"])
     .spawn()
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while emu.stats().get_bytes < 16 * MIB {
-        assert!(Instant::now() < deadline, "the fill did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    put(&emu, "img/disk.img", B);
+    overwrite_after_16_mib(&emu, "img/disk.img");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {

@@ -567,6 +567,25 @@ fn put_dataset(emu: &Emulator) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// The controller's fill pod for the workflow's claim, after checking that placement
+/// chooses `want` for it (a plugin registered somewhere, as on a node-path cluster).
+fn chosen_fill_pod(
+    cr: &OSSVolumePopulator,
+    claim_uid: &str,
+    want: FillPath,
+    selected_node: Option<&str>,
+) -> Pod {
+    let pvc = workflow_claim(claim_uid);
+    let choice = placement::choose(&pvc, cr, PluginSeen::OnAnyNode(true)).unwrap();
+    assert_eq!(choice.path, want, "{}", choice.why);
+    let fill = FillSpec {
+        path: choice.path,
+        selected_node,
+        secret: None,
+    };
+    objects::fill_pod(&pvc, cr, &settings(), &fill)
+}
+
 /// A kubelet-style publish of the pod's CSI inline volume through the plugin's socket.
 fn publish_inline(
     rt: &tokio::runtime::Runtime,
@@ -816,18 +835,11 @@ fn the_seed_fill_pods_run_on_both_paths_and_leave_a_volume_consumers_can_write()
     // Direct: the article's placement (ACS labels) chooses it by itself.
     let mut node = Node::new();
     let cr = seed_cr(&emu);
-    let pvc = workflow_claim("11111111-0000-4000-8000-00000000000d");
-    let choice = placement::choose(&pvc, &cr, PluginSeen::OnAnyNode(true)).unwrap();
-    assert_eq!(choice.path, FillPath::Direct, "{}", choice.why);
-    let pod = objects::fill_pod(
-        &pvc,
+    let pod = chosen_fill_pod(
         &cr,
-        &settings(),
-        &FillSpec {
-            path: choice.path,
-            selected_node: None,
-            secret: None,
-        },
+        "11111111-0000-4000-8000-00000000000d",
+        FillPath::Direct,
+        None,
     );
     let prime = node
         .kubelet()
@@ -843,18 +855,11 @@ fn the_seed_fill_pods_run_on_both_paths_and_leave_a_volume_consumers_can_write()
     let mut node = Node::new();
     let mut cr = seed_cr(&emu);
     cr.spec.generic.as_mut().unwrap().labels.clear();
-    let pvc = workflow_claim("11111111-0000-4000-8000-00000000000e");
-    let choice = placement::choose(&pvc, &cr, PluginSeen::OnAnyNode(true)).unwrap();
-    assert_eq!(choice.path, FillPath::Node, "{}", choice.why);
-    let pod = objects::fill_pod(
-        &pvc,
+    let pod = chosen_fill_pod(
         &cr,
-        &settings(),
-        &FillSpec {
-            path: choice.path,
-            selected_node: Some(NODE),
-            secret: None,
-        },
+        "11111111-0000-4000-8000-00000000000e",
+        FillPath::Node,
+        Some(NODE),
     );
     let (mut plugin, socket) = start_node_plugin(&node, None);
     let rt = tokio::runtime::Runtime::new().unwrap();
