@@ -121,7 +121,17 @@ impl Error {
             | Error::Locked { .. } => true,
             Error::Copy { cause, .. } => cause.is_permanent(),
             Error::Shared(e) => e.is_permanent(),
-            Error::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),
+            // What retrying cannot change: a full, read-only or forbidden target, a name
+            // the target's file system cannot hold.
+            // (By kind: a message-carrying io::Error has no raw errno, only its kind.)
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::QuotaExceeded
+                    | io::ErrorKind::ReadOnlyFilesystem
+                    | io::ErrorKind::InvalidFilename
+                    | io::ErrorKind::PermissionDenied
+            ),
             _ => false,
         }
     }

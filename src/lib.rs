@@ -16,6 +16,7 @@ pub mod fs;
 pub mod fuse;
 pub mod limit;
 pub mod mount;
+pub mod options;
 pub mod populate;
 pub mod prefetch;
 pub mod store;

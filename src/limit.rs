@@ -15,22 +15,68 @@
 //!
 //! Hand-written rather than taken from `governor` because of those last two points: governor
 //! rejects cells above its burst and lets concurrent waiters race instead of queueing.
+//! Pacing what arrives is not enough on its own: every byte a GET asks for is sent by the
+//! server into socket buffers whether or not it has been paid for (with 257 requests open,
+//! 425 MiB arrived in the first second of a 20 MiB/s fill). So a capped limiter also bounds
+//! the bytes *in flight* — asked for and not yet paid — to [`FLIGHT_HORIZON`] of its rate:
+//! a GET is only sent once its bytes fit ([`RateLimiter::admit`]), and the store cuts ranges
+//! to at most half of that ([`RateLimiter::max_request`]). Whatever the concurrency, the
+//! server can then be ahead of the cap by at most one horizon's worth of bytes.
+//!
 //! It must not do I/O or know about stores; callers (the [`crate::store::Store`]) call
-//! [`RateLimiter::acquire`] with the byte count of each chunk as it arrives.
+//! [`RateLimiter::admit`] before a GET and [`RateLimiter::acquire`] with the byte count of
+//! each chunk as it arrives.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// How far ahead of the average rate a burst may run.
 const BURST: Duration = Duration::from_millis(50);
+
+/// How much of its rate a capped limiter lets be requested and not yet paid. Long enough to
+/// cover a GET's first-byte latency (so the cap is still reached), short enough that the
+/// server can never be more than this ahead of the cap.
+pub const FLIGHT_HORIZON: Duration = Duration::from_millis(100);
+
+/// The floor of the in-flight budget: at very low rates, still a useful request size.
+const MIN_FLIGHT: u64 = 128 * 1024;
+
+/// The lowest cap a limiter accepts, in bytes/s (64 KiB/s): below it, `--throughput` is a typo.
+pub const MIN_RATE: u64 = 64 * 1024;
 
 #[derive(Debug)]
 pub struct RateLimiter {
     /// Bytes per second; `None` means unlimited.
     bytes_per_sec: Option<f64>,
     tat: Mutex<Instant>,
+    /// Bytes that may be requested and not yet paid (capped limiters only).
+    flight: Option<(Arc<Semaphore>, u64)>,
+}
+
+/// Bytes admitted by [`RateLimiter::admit`] and not yet paid; what is left returns to the
+/// limiter's in-flight budget when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    sem: Arc<Semaphore>,
+    held: u64,
+}
+
+impl Admitted {
+    /// `bytes` have been paid: they no longer count as in flight.
+    pub fn paid(&mut self, bytes: u64) {
+        let n = bytes.min(self.held);
+        self.held -= n;
+        self.sem.add_permits(n as usize);
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.sem.add_permits(self.held as usize);
+    }
 }
 
 impl RateLimiter {
@@ -41,9 +87,16 @@ impl RateLimiter {
 
     /// A limiter of `bytes_per_sec` bytes/s; `0` means unlimited.
     pub fn new_bytes(bytes_per_sec: u64) -> Self {
+        let flight = (bytes_per_sec > 0).then(|| {
+            let budget = ((bytes_per_sec as f64 * FLIGHT_HORIZON.as_secs_f64()) as u64)
+                .max(MIN_FLIGHT)
+                .min(u32::MAX as u64);
+            (Arc::new(Semaphore::new(budget as usize)), budget)
+        });
         RateLimiter {
             bytes_per_sec: (bytes_per_sec > 0).then_some(bytes_per_sec as f64),
             tat: Mutex::new(Instant::now()),
+            flight,
         }
     }
 
@@ -64,6 +117,28 @@ impl RateLimiter {
     /// The configured rate in bytes per second, `None` when unlimited.
     pub fn bytes_per_sec(&self) -> Option<u64> {
         self.bytes_per_sec.map(|r| r as u64)
+    }
+
+    /// The largest single request the store should send through this limiter (`None`: any):
+    /// half the in-flight budget, so two requests overlap and hide each other's latency.
+    pub fn max_request(&self) -> Option<u64> {
+        self.flight.as_ref().map(|(_, budget)| (budget / 2).max(1))
+    }
+
+    /// Waits until `bytes` more may be requested from the store (`None` when unlimited).
+    /// `bytes` above [`max_request`](Self::max_request)'s budget are admitted as the whole
+    /// budget. Pay them back with [`Admitted::paid`] as they arrive.
+    pub async fn admit(&self, bytes: u64) -> Option<Admitted> {
+        let (sem, budget) = self.flight.as_ref()?;
+        let n = bytes.min(*budget).max(1);
+        sem.acquire_many(n as u32)
+            .await
+            .expect("the in-flight semaphore is never closed")
+            .forget();
+        Some(Admitted {
+            sem: sem.clone(),
+            held: n,
+        })
     }
 
     /// Waits until `bytes` may pass. Cancel-safe: a dropped future has still consumed its
@@ -147,6 +222,27 @@ mod tests {
         for d in &done {
             assert!((1.7..=2.1).contains(d), "finish times {done:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_until_their_bytes_fit_in_flight() {
+        let l = RateLimiter::new_mib(20.0);
+        // 100 ms of 20 MiB/s in flight, requests of half that.
+        assert_eq!(l.max_request(), Some(1024 * 1024));
+        let mut a = l.admit(1024 * 1024).await.unwrap();
+        let _b = l.admit(1024 * 1024).await.unwrap();
+        // The budget is spent: a third request waits until bytes are paid back.
+        let third = tokio::time::timeout(Duration::from_secs(10), l.admit(512 * 1024));
+        assert!(third.await.is_err(), "a third request was admitted");
+        a.paid(512 * 1024);
+        let c = tokio::time::timeout(Duration::from_millis(1), l.admit(512 * 1024)).await;
+        assert!(c.is_ok(), "paid bytes were not returned to the budget");
+        drop(c);
+        drop(a);
+        // Dropping returns what was held: 1 MiB free again (the other is `_b`'s).
+        let d = tokio::time::timeout(Duration::from_millis(1), l.admit(1024 * 1024)).await;
+        assert!(d.is_ok(), "a dropped admission kept its bytes");
+        assert!(RateLimiter::unlimited().admit(u64::MAX).await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use fillfs::mount::MountOptions;
+use fillfs::options;
 use fillfs::populate::{PopulateOptions, ProgressMode, TargetKind};
 use fillfs::store::{SourceUrl, StoreConfig};
 
@@ -77,14 +78,14 @@ struct ControllerArgs {
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
     /// Delay before the first retry; it doubles with each failed attempt.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_retry_delay)]
     retry_delay: Duration,
     /// How often a running fill's progress is read.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_poll)]
     poll: Duration,
     /// A fill pod still running after this long is stopped (its activeDeadlineSeconds) and
     /// counts as a failed attempt; a populator's spec.generic.activeDeadlineSeconds wins.
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_fill_deadline)]
     fill_deadline: Duration,
     /// Address of /metrics and /healthz; "none" to disable.
     #[arg(long, default_value = "0.0.0.0:9090")]
@@ -118,16 +119,16 @@ struct CsiArgs {
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     cache_size: u64,
     /// Size of a cached block and of one ranged GET.
-    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_block_size)]
     block_size: u64,
     /// How long directory listings are trusted, unless a volume sets metadataTTL.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = options::ttl)]
     metadata_ttl: Duration,
     /// FUSE request threads per volume.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = parse_fuse_threads)]
     fuse_threads: usize,
     /// Kernel read-ahead per volume (0 = kernel default).
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size_or_zero)]
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_read_ahead)]
     kernel_read_ahead: u64,
     /// kubelet's root directory: stale fillfs mounts under it are cleared at start.
     #[arg(long, default_value = "/var/lib/kubelet")]
@@ -148,7 +149,7 @@ struct StoreArgs {
     region: Option<String>,
     /// Attempts for a transient store error (5xx, reset, timeout), with exponential backoff
     /// and jitter, before the read fails.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = parse_retries)]
     retries: usize,
     /// Send requests unsigned, for public-read buckets: no credentials are looked up.
     #[arg(long)]
@@ -157,13 +158,7 @@ struct StoreArgs {
 
 impl StoreArgs {
     fn config(self, source: &str) -> Result<StoreConfig> {
-        let url = if source.contains("://") {
-            SourceUrl::parse(source)?
-        } else {
-            // A plain path: a local directory (in Kubernetes, the fillfs mount of the bucket).
-            let abs = std::path::absolute(source).with_context(|| format!("source {source}"))?;
-            SourceUrl::parse(&format!("file://{}", abs.display()))?
-        };
+        let url = SourceUrl::from_arg(source)?;
         let mut cfg = StoreConfig::new(url, self.endpoint, self.region);
         cfg.max_retries = self.retries;
         if self.no_sign_request {
@@ -193,10 +188,10 @@ struct PopulateArgs {
     throughput: f64,
     /// GETs in flight. Small files need many to hide first-byte latency (256 keeps a store
     /// with ~20 ms latency busy); large ranges are bounded by --memory as well.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_jobs)]
     jobs: usize,
     /// Large files are fetched in ranges of this size, concurrently.
-    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_part_size)]
     part_size: u64,
     /// Most data held in memory between fetch and write.
     #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
@@ -259,10 +254,10 @@ struct MountArgs {
     #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
     cache_size: u64,
     /// Cache block size = size of each ranged GET, e.g. 4MiB.
-    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_block_size)]
     block_size: u64,
     /// How long directory listings and attributes are trusted, e.g. 60s, 5m, 0s.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = options::ttl)]
     metadata_ttl: Duration,
     /// Let users other than the mounting one access the mount (FUSE allow_other).
     #[arg(long)]
@@ -275,10 +270,10 @@ struct MountArgs {
     gid: Option<u32>,
     /// Kernel read-ahead per file (how far the kernel reads ahead of a sequential reader,
     /// in FUSE requests of up to 1 MiB). Needs root; 0 keeps the kernel's 128 KiB.
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size_or_zero)]
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_read_ahead)]
     kernel_read_ahead: u64,
     /// FUSE request threads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = parse_fuse_threads)]
     fuse_threads: usize,
     /// Return once the mount is ready and keep serving in the background (like mount-s3).
     /// Without it fillfs stays in the foreground and unmounts on SIGINT/SIGTERM.
@@ -286,14 +281,21 @@ struct MountArgs {
     daemon: bool,
 }
 
+// Every number's bounds live in `fillfs::options`; these name the option in its errors.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let size: bytesize::ByteSize = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a size like 512MiB: {e}"))?;
-    if size.as_u64() == 0 {
-        return Err("size must be positive".into());
-    }
-    Ok(size.as_u64())
+    options::size(s)
+}
+
+fn parse_block_size(s: &str) -> std::result::Result<u64, String> {
+    options::size_in(s, "--block-size", &options::BLOCK_SIZE)
+}
+
+fn parse_part_size(s: &str) -> std::result::Result<u64, String> {
+    options::size_in(s, "--part-size", &options::PART_SIZE)
+}
+
+fn parse_read_ahead(s: &str) -> std::result::Result<u64, String> {
+    options::size_in(s, "--kernel-read-ahead", &options::KERNEL_READ_AHEAD)
 }
 
 fn parse_mode(s: &str) -> std::result::Result<u32, String> {
@@ -302,16 +304,31 @@ fn parse_mode(s: &str) -> std::result::Result<u32, String> {
 }
 
 fn parse_throughput(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a number of MiB/s >= 0 (0 = unlimited)"
-        )),
-    }
+    options::throughput_mib(s)
 }
 
-fn parse_size_or_zero(s: &str) -> std::result::Result<u64, String> {
-    if s == "0" { Ok(0) } else { parse_size(s) }
+fn parse_retry_delay(s: &str) -> std::result::Result<Duration, String> {
+    options::duration_in(s, "--retry-delay", &options::RETRY_DELAY)
+}
+
+fn parse_poll(s: &str) -> std::result::Result<Duration, String> {
+    options::duration_in(s, "--poll", &options::POLL)
+}
+
+fn parse_fill_deadline(s: &str) -> std::result::Result<Duration, String> {
+    options::duration_in(s, "--fill-deadline", &options::FILL_DEADLINE)
+}
+
+fn parse_jobs(s: &str) -> std::result::Result<usize, String> {
+    options::count_in(s, "--jobs", &options::JOBS)
+}
+
+fn parse_fuse_threads(s: &str) -> std::result::Result<usize, String> {
+    options::count_in(s, "--fuse-threads", &options::FUSE_THREADS)
+}
+
+fn parse_retries(s: &str) -> std::result::Result<usize, String> {
+    options::count_in(s, "--retries", &options::RETRIES)
 }
 
 fn init_logging() {

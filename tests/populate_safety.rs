@@ -607,6 +607,36 @@ fn a_fill_that_fails_leaves_no_part_files() {
     );
 }
 
+/// A retried request is one line of the log, whatever RUST_BACKTRACE says (OpenDAL's own
+/// notice was the error's Debug form: ~2,000 lines for a fill's retries with backtraces).
+#[test]
+fn each_retry_is_one_line_of_the_log() {
+    let emu = emulator();
+    put(&emu, "retry/a", pattern(1, 0, 1000));
+    emu.fail_next_gets(2);
+    let target = tempfile::tempdir().unwrap();
+    let mut cmd = populate(&emu, "retry", target.path(), &[]);
+    cmd.env("RUST_BACKTRACE", "1");
+    let out = run(cmd);
+    emu.clear_fail_next_gets();
+    assert!(out.status.success());
+    let err = stderr(&out);
+    let retries: Vec<&str> = err.lines().filter(|l| l.contains("retrying")).collect();
+    assert_eq!(retries.len(), 2, "{err}");
+    for l in &retries {
+        assert!(l.contains("attempt=") && l.contains("503"), "{l}");
+    }
+    assert!(
+        err.lines().count() <= 6,
+        "{} lines of log for 2 retries:\n{err}",
+        err.lines().count()
+    );
+    assert_eq!(
+        std::fs::read(target.path().join("a")).unwrap(),
+        pattern(1, 0, 1000)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Item 11: inodes are checked up front, like bytes.
 
@@ -631,4 +661,90 @@ fn a_fill_short_of_inodes_fails_before_writing() {
     assert!(err.contains("inodes"), "{err}");
     assert_eq!(tree(&target), Vec::<PathBuf>::new(), "nothing written");
     assert_eq!(emu.stats().gets, 0, "nothing fetched");
+}
+
+/// What cannot succeed on a retry exits 2 (the controller's "permanent"), with an error that
+/// names the problem; no argument makes any command panic, and no number silently means
+/// another (a rate that rounds to "unlimited", a block the cache cannot hold).
+#[test]
+fn bad_input_and_unwritable_targets_exit_2_with_a_clear_error_never_a_panic() {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("a"), b"data").unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let s = src.path().to_str().unwrap();
+    let d = dst.path().to_str().unwrap();
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["populate", "", d], "it is empty"),
+        (vec!["populate", "  ", d], "it is empty"),
+        (
+            vec!["populate", s, d, "--throughput", "1e-7"],
+            "out of range",
+        ),
+        (vec!["populate", s, d, "--throughput=-3"], "out of range"),
+        (
+            vec!["populate", s, d, "--throughput", "NaN"],
+            "out of range",
+        ),
+        (
+            vec!["populate", s, d, "--jobs", "0"],
+            "--jobs \"0\" is out of range",
+        ),
+        (vec!["populate", s, d, "--part-size", "6GiB"], "--part-size"),
+        (vec!["populate", s, d, "--retries", "100000"], "--retries"),
+        (
+            vec!["mount", s, d, "--block-size", "5GiB"],
+            "--block-size \"5GiB\"",
+        ),
+        (vec!["mount", s, d, "--metadata-ttl", "1001y"], "365 days"),
+        (vec!["mount", s, d, "--fuse-threads", "0"], "--fuse-threads"),
+        (
+            vec!["mount", s, d, "--kernel-read-ahead", "2TiB"],
+            "out of range",
+        ),
+        (vec!["csi", "--metadata-ttl", "1001y"], "365 days"),
+        (vec!["csi", "--block-size", "16EiB"], "--block-size"),
+        (
+            vec!["controller", "--retry-delay", "1000y"],
+            "--retry-delay",
+        ),
+        (vec!["controller", "--poll", "0s"], "--poll"),
+    ];
+    // A read-only target (a read-only tmpfs needs root to mount).
+    let ro = tempfile::tempdir().unwrap();
+    let ro_mounted = is_root()
+        && Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(ro.path())
+            .status()
+            .unwrap()
+            .success();
+    let r = ro.path().to_str().unwrap();
+    if ro_mounted {
+        cases.push((vec!["populate", s, r], "Read-only file system"));
+    }
+    let mut failures = Vec::new();
+    for (args, expect) in &cases {
+        let out = fillfs()
+            .args(args)
+            .args(if args[0] == "populate" {
+                &["--progress", "none"][..]
+            } else {
+                &[]
+            })
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        if out.status.code() != Some(2) || !err.contains(expect) || err.contains("panicked") {
+            failures.push(format!("{args:?}: {:?}: {err}", out.status.code()));
+        }
+    }
+    if ro_mounted {
+        Command::new("umount").arg(ro.path()).status().unwrap();
+    }
+    assert!(
+        std::fs::read_dir(dst.path()).unwrap().next().is_none(),
+        "a refused fill wrote into its target"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

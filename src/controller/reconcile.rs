@@ -484,10 +484,14 @@ async fn failed(
     let attempts = annotation(pvc, ANN_ATTEMPTS)
         .and_then(|a| a.parse::<u32>().ok())
         .unwrap_or(0)
-        + 1;
+        .saturating_add(1);
     let cannot_succeed = ending.exit == Some(EXIT_PERMANENT);
     let permanent = cannot_succeed || attempts >= ctx.max_attempts;
-    let delay = ctx.retry_base * 2u32.saturating_pow(attempts - 1);
+    // Doubling, capped at a day: an edited attempts annotation must not overflow it.
+    let delay = ctx
+        .retry_base
+        .saturating_mul(2u32.saturating_pow(attempts - 1))
+        .min(Duration::from_secs(24 * 3600));
     let decision = if permanent {
         json!({
             ANN_PROGRESS: format!("failed: {message}"),

@@ -159,17 +159,11 @@ pub fn parse(
 
     let throughput_mib = match get("throughput") {
         None => 0.0,
-        Some(t) => match t.parse::<f64>() {
-            Ok(v) if v >= 0.0 && v.is_finite() => v,
-            _ => return Err(format!("throughput {t:?} is not a number of MiB/s >= 0")),
-        },
+        Some(t) => crate::options::throughput_mib(&t)?,
     };
     let metadata_ttl = match get("metadataTTL") {
         None => None,
-        Some(t) => Some(
-            humantime::parse_duration(&t)
-                .map_err(|e| format!("metadataTTL {t:?}: {e} (write e.g. 60s or 5m)"))?,
-        ),
+        Some(t) => Some(crate::options::ttl(&t).map_err(|e| format!("metadataTTL: {e}"))?),
     };
 
     let endpoint = match get("endpoint") {
@@ -371,6 +365,15 @@ mod tests {
             (
                 &[("url", "s3://bkt/"), ("metadataTTL", "soon")],
                 "metadataTTL",
+            ),
+            // moka panics on a TTL over 1,000 years; a node plugin must not.
+            (
+                &[("url", "s3://bkt/"), ("metadataTTL", "1001y")],
+                "longer than the longest TTL",
+            ),
+            (
+                &[("url", "s3://bkt/"), ("throughput", "1e-7")],
+                "out of range",
             ),
             (
                 &[

@@ -33,7 +33,7 @@ pub use url::{Scheme, SourceUrl};
 pub use version::Version;
 
 use crate::error::{Error, Result};
-use crate::limit::RateLimiter;
+use crate::limit::{Admitted, RateLimiter};
 
 /// Everything needed to reach a source.
 #[derive(Debug, Clone)]
@@ -379,9 +379,13 @@ impl Store {
         Ok(())
     }
 
-    /// Starts one ranged GET of version `version` of `key`, whose chunks the caller pulls
+    /// Starts reading `range` of version `version` of `key`, whose chunks the caller pulls
     /// with [`RangeReader::next_chunk`] (a copier writes them as they come). Run it inside
     /// [`response::with_object_crc64`] to learn the CRC-64 the response declares.
+    ///
+    /// Unlimited, this is one ranged GET. Under a cap, the range is read as consecutive GETs
+    /// of at most [`RateLimiter::max_request`] bytes, each sent only once the limiters admit
+    /// its bytes (see `limit.rs`): the server is never more than a horizon ahead of the cap.
     ///
     /// An ETag is sent as `If-Match` (where the service supports it: S3, OSS); a changed
     /// object then fails the read with [`version::changed`] true, before any byte of it.
@@ -391,29 +395,47 @@ impl Store {
         version: &Version,
         range: Range<u64>,
     ) -> Result<RangeReader> {
-        let want = range.end - range.start;
-        let stream = if want == 0 {
-            None
-        } else {
-            self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-            let mut read = self.op.reader_with(key);
-            if let Version::ETag(etag) = version
-                && self.op.info().capability().read_with_if_match
-            {
-                read = read.if_match(etag);
-            }
-            let stream = async { read.await?.into_stream(range.clone()).await }.await;
-            Some(stream.map_err(|e| self.read_error(key, version, e))?)
-        };
-        Ok(RangeReader {
+        let piece = self
+            .limiters
+            .iter()
+            .filter_map(|l| l.max_request())
+            .min()
+            .unwrap_or(u64::MAX);
+        let range_is_empty = range.is_empty();
+        let mut reader = RangeReader {
             store: self.clone(),
             key: key.to_string(),
             version: version.clone(),
+            requested: range.start,
             range,
-            stream,
+            piece,
+            stream: None,
+            admitted: Vec::new(),
             pending: Default::default(),
             got: 0,
-        })
+            finished: range_is_empty,
+        };
+        // The first GET now, so that a missing or changed object fails the open.
+        reader.request_next().await?;
+        Ok(reader)
+    }
+
+    /// One ranged GET of `range` (not empty), pinned to `version` where the service can.
+    async fn get(
+        &self,
+        key: &str,
+        version: &Version,
+        range: Range<u64>,
+    ) -> Result<opendal::BufferStream> {
+        self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
+        let mut read = self.op.reader_with(key);
+        if let Version::ETag(etag) = version
+            && self.op.info().capability().read_with_if_match
+        {
+            read = read.if_match(etag);
+        }
+        let stream = async { read.await?.into_stream(range).await }.await;
+        stream.map_err(|e| self.read_error(key, version, e))
     }
 
     /// A failed read's error; a failed condition says which object changed, in words.
@@ -444,18 +466,54 @@ impl Store {
     }
 }
 
-/// The chunks of one ranged GET, pulled one at a time; see [`Store::open_range`].
+/// The chunks of one range, pulled one at a time; see [`Store::open_range`].
 pub struct RangeReader {
     store: Store,
     key: String,
     version: Version,
     range: Range<u64>,
+    /// Where the next GET starts; `range.end` once every byte has been asked for.
+    requested: u64,
+    /// The most one GET asks for.
+    piece: u64,
+    /// The GET being read.
     stream: Option<opendal::BufferStream>,
+    /// The current GET's bytes not yet paid, per capped limiter.
+    admitted: Vec<Admitted>,
     pending: std::collections::VecDeque<Bytes>,
     got: u64,
+    /// Every byte arrived and was checked (or the range was empty).
+    finished: bool,
 }
 
 impl RangeReader {
+    /// Sends the next GET of the range, once every limiter admits its bytes. Nothing when
+    /// every byte has been asked for.
+    async fn request_next(&mut self) -> Result<()> {
+        if self.requested >= self.range.end {
+            return Ok(());
+        }
+        let next = self.requested
+            ..self
+                .range
+                .end
+                .min(self.requested.saturating_add(self.piece));
+        let len = next.end - next.start;
+        self.admitted.clear();
+        for limiter in self.store.limiters.iter() {
+            if let Some(a) = limiter.admit(len).await {
+                self.admitted.push(a);
+            }
+        }
+        self.stream = Some(
+            self.store
+                .get(&self.key, &self.version, next.clone())
+                .await?,
+        );
+        self.requested = next.end;
+        Ok(())
+    }
+
     /// The next chunk, paid to the limiters; `None` at the end, which is an error unless
     /// exactly the range's length arrived from the version the read was pinned to.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
@@ -463,24 +521,36 @@ impl RangeReader {
             if let Some(c) = self.pending.pop_front() {
                 return Ok(Some(c));
             }
-            let Some(stream) = self.stream.as_mut() else {
+            if self.finished {
                 return Ok(None);
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                break;
             };
             let next = stream.try_next().await;
             let next = next.map_err(|e| self.store.read_error(&self.key, &self.version, e))?;
             let Some(buf) = next else {
-                break;
+                // This GET is over: it must have brought all it asked for.
+                self.stream = None;
+                self.admitted.clear();
+                if self.range.start + self.got != self.requested {
+                    break;
+                }
+                self.request_next().await?;
+                continue;
             };
             let n = buf.len() as u64;
             for limiter in self.store.limiters.iter() {
                 limiter.acquire(n).await;
+            }
+            for a in &mut self.admitted {
+                a.paid(n);
             }
             self.store.stats.bytes_read.fetch_add(n, Ordering::Relaxed);
             self.got += n;
             self.pending
                 .extend(buf.into_iter().filter(|c| !c.is_empty()));
         }
-        self.stream = None;
         let want = self.range.end - self.range.start;
         if self.got != want {
             return Err(Error::ShortRead {
@@ -491,6 +561,7 @@ impl RangeReader {
             });
         }
         self.store.check_unchanged(&self.key, &self.version).await?;
+        self.finished = true;
         Ok(None)
     }
 }

@@ -121,13 +121,53 @@ pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
             .with_jitter()
             .with_max_times(cfg.max_retries)
             .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5)),
+            .with_max_delay(Duration::from_secs(5))
+            .with_notify(log_retry),
     );
     Ok(Built {
         op,
         op_no_retry,
         endpoint,
     })
+}
+
+/// One line per retry (OpenDAL's own notice is the error's Debug form: with
+/// RUST_BACKTRACE=1, a backtrace per retry): the request, the status, and the store's
+/// message folded onto the line and cut. Never the request's headers.
+fn log_retry(event: opendal::layers::RetryEvent<'_>) {
+    let e = event.err;
+    // OpenDAL keeps its context private but prints it as `{ key: value, ... }`.
+    let shown = e.to_string();
+    let field = |key: &str| {
+        let at = shown.find(&format!("{key}: "))? + key.len() + 2;
+        let rest = &shown[at..];
+        let end = rest.find([',', ' ']).unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    };
+    tracing::warn!(
+        request = field("service_operation").unwrap_or_else(|| event.op.to_string()),
+        key = field("path").unwrap_or_default(),
+        status = field("status").unwrap_or_default(),
+        attempt = event.attempt,
+        after_ms = event.retry_after.as_millis() as u64,
+        "retrying a store request: {}: {}",
+        e.kind(),
+        fold(e.message(), 300)
+    );
+}
+
+/// `text` on one line, at most `max` bytes (a response body can be XML over many lines).
+fn fold(text: &str, max: usize) -> String {
+    let mut s = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.len() > max {
+        let cut = (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
 }
 
 /// OpenDAL roots are absolute: `"a/b/"` → `"/a/b/"`.

@@ -41,6 +41,31 @@ pub struct SourceUrl {
 }
 
 impl SourceUrl {
+    /// A SOURCE argument: a URL, or a plain path to a local directory (relative to the
+    /// current one; in Kubernetes, the fillfs mount of the bucket).
+    pub fn from_arg(input: &str) -> Result<Self> {
+        if input.trim().is_empty() {
+            return Err(Error::InvalidSource {
+                source_url: input.to_string(),
+                reason: "it is empty; give s3://BUCKET/PREFIX, oss://BUCKET/PREFIX, \
+                         file:///DIR or a directory"
+                    .into(),
+            });
+        }
+        if input.contains("://") {
+            return Self::parse(input);
+        }
+        let abs = std::path::absolute(input).map_err(|e| Error::InvalidSource {
+            source_url: input.to_string(),
+            reason: e.to_string(),
+        })?;
+        let abs = abs.to_str().ok_or_else(|| Error::InvalidSource {
+            source_url: input.to_string(),
+            reason: "the path is not UTF-8".into(),
+        })?;
+        Self::parse(&format!("file://{abs}"))
+    }
+
     /// Parses `s3://bucket/prefix`, `oss://bucket/prefix` or `file:///abs/dir`.
     pub fn parse(input: &str) -> Result<Self> {
         let invalid = |reason: &str| Error::InvalidSource {

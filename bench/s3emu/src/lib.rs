@@ -190,6 +190,12 @@ impl Emulator {
         self.shared.counters.snapshot()
     }
 
+    /// [`stats`](Self::stats) for another thread (e.g. a sampler while a client runs).
+    pub fn stats_handle(&self) -> impl Fn() -> Stats + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.counters.snapshot()
+    }
+
     pub fn reset_stats(&self) {
         self.shared.counters.reset();
     }
