@@ -262,7 +262,6 @@ fn keys_listed_under_one_name_are_refused_never_aliased() {
 }
 
 #[test]
-#[ignore = "needs src/store: Store::list_recursive drops a key's leading '/' at a bucket's root (OpenDAL 0.59 build_rel_path with root \"/\"), so `/etc/y` is listed as `etc/y`"]
 fn a_key_beginning_with_a_slash_is_refused_at_a_buckets_root() {
     let emu = emulator();
     put(&emu, "/etc/y", &b"etc"[..]);

@@ -272,7 +272,28 @@ impl Store {
     /// Lists every object under the root, recursively (no delimiter, paginated). Names in
     /// the result are keys relative to the root; directory markers come back as
     /// [`Listed::Dir`] so empty directories can be recreated.
+    ///
+    /// At a bucket's root a key beginning with `/` keeps it (OpenDAL would list `/etc/x` as
+    /// `etc/x`, which is another key): such a name is unsafe, and a fill refuses it.
     pub async fn list_recursive(&self) -> Result<Vec<Listed>> {
+        let (out, slash_keys) = response::with_slash_keys(self.list_recursive_stripped()).await;
+        let mut out = out?;
+        if self.source.prefix.is_empty() {
+            for key in slash_keys {
+                // The first entry listed under the stripped name is this key's.
+                let stripped = &key[1..];
+                if let Some(Listed::File { name, .. } | Listed::Dir { name }) = out
+                    .iter_mut()
+                    .find(|l| matches!(l, Listed::File { name, .. } | Listed::Dir { name } if name == stripped))
+                {
+                    *name = key;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_recursive_stripped(&self) -> Result<Vec<Listed>> {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
         let mut lister = self.op.lister_with("/").recursive(true).await?;
         let mut out = Vec::new();
