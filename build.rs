@@ -1,5 +1,6 @@
-//! Generates the CSI gRPC types and services from `csi/csi.proto` (our copy of the CSI v1
-//! Identity and Node services). protoc comes from the `protoc-bin-vendored` crate, so the
+//! Generates the gRPC types and services from `csi/csi.proto` (our copy of the CSI v1
+//! Identity and Node services) and `proto/argo/artifact.proto` (Argo's artifact driver
+//! plugin service, vendored verbatim; see `proto/argo/NOTES.md`). protoc comes from the `protoc-bin-vendored` crate, so the
 //! build needs no system protobuf compiler.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,5 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_protos(&["csi/csi.proto"], &["csi", include])?;
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/argo/artifact.proto"], &["proto", include])?;
     Ok(())
 }

@@ -28,6 +28,13 @@ if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check "moto[server]==5.*"
 fi
 
+# grpcio: a gRPC C-core client (it sends the unix socket's path as :authority) generated
+# from Argo's artifact.proto, as argo-server's and other non-Go clients would be (tests/argo.rs).
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "setup: installing grpcio and grpcio-tools from PyPI"
+  python3 -m pip install -q --disable-pip-version-check "grpcio==1.*" "grpcio-tools==1.*"
+fi
+
 if [ ! -e /dev/fuse ]; then
   echo "setup: warning: /dev/fuse is missing; FUSE tests will be skipped (in CI they fail)" >&2
 fi

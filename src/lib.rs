@@ -7,6 +7,7 @@
 //! adapter). [`mount`] wires them together for `fillfs mount`; [`populate`] copies a prefix
 //! onto a volume through the same store and limiter.
 
+pub mod artifact;
 pub mod buffers;
 pub mod cache;
 pub mod controller;
@@ -14,6 +15,7 @@ pub mod csi;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod grpc_uds;
 pub mod limit;
 pub mod mount;
 pub mod options;

@@ -47,6 +47,33 @@ enum Command {
     /// Run the CSI node plugin: serve every fillfs volume of this node from one process,
     /// with a node-wide bandwidth cap and one shared cache.
     Csi(CsiArgs),
+    /// Run the Argo Workflows artifact driver plugin on a unix socket (Argo passes its path
+    /// as the one argument): Save/Load/OpenStream/Delete/ListObjects/IsDirectory/SaveStream
+    /// of artifacts in OSS or S3, configured by the artifact's `plugin.configuration`.
+    #[command(
+        long_about = "The Argo Workflows (v4.0+) artifact driver plugin. Argo starts the plugin image with the \
+                      socket path as its only argument, as an init container or sidecar of workflow pods, in \
+                      artifact GC pods, and next to argo-server; the image's entrypoint is \
+                      `fillfs argo-artifact`.\n\n\
+                      Configuration (the artifact repository's plugin.configuration, YAML or JSON):\n  \
+                      bucket: my-bucket        (required)\n  \
+                      protocol: oss            (oss or s3)\n  \
+                      endpoint: ... / region: ...\n  \
+                      throughput: 200          (MiB/s, 0 = unlimited)\n  \
+                      partSize: 64MiB          (grown so a file needs at most 10,000 parts)\n  \
+                      jobs: 16                 (parts or files in flight)\n  \
+                      secretDir: /etc/fillfs   (optional: files named like the credential variables)\n\n\
+                      Credentials otherwise come from the environment (ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET, \
+                      RRSA's ALIBABA_CLOUD_ROLE_ARN + OIDC variables, or AWS_*). SIGTERM finishes the RPCs \
+                      under way and exits 0."
+    )]
+    ArgoArtifact(ArgoArtifactArgs),
+}
+
+#[derive(Args)]
+struct ArgoArtifactArgs {
+    /// The unix socket to serve on, e.g. /tmp/artifact-plugins/fillfs/socket.
+    socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -358,6 +385,7 @@ fn main() {
         Command::Mount(args) => mount(args),
         Command::Populate(args) => populate(args),
         Command::Csi(args) => csi(args),
+        Command::ArgoArtifact(args) => argo_artifact(args),
         Command::Controller(args) => controller(args),
         Command::Crd => {
             print!("{}", fillfs::controller::crd_yaml());
@@ -497,6 +525,18 @@ fn csi(a: CsiArgs) -> Result<()> {
     rt.block_on(fillfs::csi::serve(opts, || {}, shutdown_signal()))?;
     // Mounts stay until this process exits (see fillfs::csi::serve); exit now.
     std::process::exit(0);
+}
+
+fn argo_artifact(a: ArgoArtifactArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fillfs-argo")
+        .build()?;
+    rt.block_on(fillfs::artifact::service::serve(
+        &a.socket,
+        shutdown_signal(),
+    ))?;
+    Ok(())
 }
 
 /// The node plugin must never sign a user's volume with its own identity: cloud

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::mounts;
@@ -302,7 +301,7 @@ pub async fn serve(
         .add_service(NodeServer::new(NodeService {
             plugin: plugin.clone(),
         }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::grpc_uds::incoming(listener), shutdown)
         .await;
     let live = plugin.traffic().len();
     if live > 0 {

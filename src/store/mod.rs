@@ -14,6 +14,7 @@
 //! [`crate::cache`]) nor decide what to read ahead (that is [`crate::prefetch`]).
 
 pub mod credentials;
+pub mod objects;
 pub mod operator;
 pub mod response;
 pub mod url;

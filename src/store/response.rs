@@ -69,6 +69,7 @@ pub struct HeaderTap {
 impl HttpTransport for HeaderTap {
     async fn fetch(&self, req: Request<Buffer>) -> opendal::Result<Response<HttpBody>> {
         let is_get = req.method() == Method::GET;
+        let is_head = req.method() == Method::HEAD;
         let is_list = is_get
             && req
                 .uri()
@@ -76,6 +77,12 @@ impl HttpTransport for HeaderTap {
                 .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
         let if_match = req.headers().get(IF_MATCH).cloned();
         let resp = self.inner.fetch(req).await?;
+        if is_head {
+            if let Some(crc) = crc64_of_response(resp.headers()) {
+                let _ = OBJECT_CRC64.try_with(|slot| slot.set(Some(crc)));
+            }
+            return Ok(resp);
+        }
         if !is_get {
             return Ok(resp);
         }
