@@ -26,12 +26,26 @@ struct Plugin {
 
 impl Plugin {
     fn start() -> Plugin {
+        let mut cmd = fillfs();
+        cmd.arg("argo-artifact");
+        Plugin::start_with(cmd, None)
+    }
+
+    /// `cmd` with the socket path appended, as Argo appends it to the image's entrypoint;
+    /// in a socket directory of its own (an emptyDir: mode 0777) when `dir_mode` is given.
+    fn start_with(mut cmd: Command, dir_mode: Option<u32>) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
-        // Where Argo puts it: /tmp/artifact-plugins/<name>/socket (the dir may not exist).
+        // Where Argo puts it: /tmp/artifact-plugins/<name>/socket.
         let socket = dir.path().join("artifact-plugins/fillfs/socket");
+        if let Some(mode) = dir_mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+            for d in [dir.path(), socket.parent().unwrap()] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
         let log = dir.path().join("plugin.log");
-        let child = fillfs()
-            .arg("argo-artifact")
+        let child = cmd
             .arg(&socket)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -431,4 +445,146 @@ print("ok")
     );
     assert!(std::fs::read(&dst).unwrap() == data);
     assert!(emu.object(BUCKET, "py/obj").is_none(), "not deleted");
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The ENTRYPOINT of the Dockerfile's `argo-artifact` target: what Argo runs.
+fn argo_entrypoint() -> Vec<String> {
+    let text = std::fs::read_to_string(manifest_dir().join("Dockerfile")).unwrap();
+    let stage = text
+        .split("\nFROM ")
+        .find(|s| {
+            s.lines()
+                .next()
+                .is_some_and(|l| l.ends_with(" AS argo-artifact"))
+        })
+        .expect("an argo-artifact stage in the Dockerfile");
+    let line = stage
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .expect("its ENTRYPOINT");
+    serde_json::from_str(line).expect("ENTRYPOINT in exec form")
+}
+
+/// Argo's GC pod: the plugin image's entrypoint plus the socket path, as uid 8737 with
+/// runAsNonRoot, the socket in an emptyDir. Delete of what a workflow saved, then SIGTERM.
+#[test]
+fn the_plugin_runs_as_argo_starts_it_in_a_gc_pod() {
+    let entrypoint = argo_entrypoint();
+    assert_eq!(entrypoint[0], "/usr/local/bin/fillfs");
+    let emu = emulator();
+    emu.put_object(
+        BUCKET,
+        "argo/wf/pod/out.tgz",
+        bytes::Bytes::from(pattern(4, 0, 1000)),
+    );
+    let as_root = nix::unistd::geteuid().is_root();
+    let mut cmd = if as_root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "8737",
+            "--regid",
+            "8737",
+            "--clear-groups",
+            "--no-new-privs",
+        ]);
+        c.arg(env!("CARGO_BIN_EXE_fillfs"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_fillfs"))
+    };
+    cmd.args(&entrypoint[1..])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env("RUST_LOG", "info");
+    let plugin = Plugin::start_with(cmd, Some(0o777));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let cfg = config(&emu);
+    for _ in 0..2 {
+        // GC retries: the second Delete finds nothing and still succeeds.
+        let r = rt
+            .block_on(c.delete(DeleteArtifactRequest {
+                artifact: artifact(&cfg, "argo/wf/pod/out.tgz"),
+            }))
+            .unwrap()
+            .into_inner();
+        assert!(r.success, "{}\n{}", r.error, plugin.log());
+    }
+    assert!(emu.object(BUCKET, "argo/wf/pod/out.tgz").is_none());
+    let log = plugin.log();
+    assert_eq!(plugin.stop(), Some(0), "SIGTERM must exit 0: {log}");
+}
+
+/// deploy/examples: the workflow-controller ConfigMap registers the image whose entrypoint
+/// is the plugin and makes it the default repository with a configuration the plugin
+/// accepts; the article's two workflows are there unchanged and name no location of their
+/// own (so the default repository, fillfs, saves and collects their artifacts).
+#[test]
+fn the_example_configmap_registers_the_plugin_and_the_seed_workflows_apply_unchanged() {
+    let ex = manifest_dir().join("deploy/examples");
+    let cm: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(ex.join("argo-artifact-driver.yaml")).unwrap(),
+    )
+    .unwrap();
+    let data = &cm["data"];
+    let field = |k: &str| -> serde_yaml::Value {
+        serde_yaml::from_str(data[k].as_str().unwrap_or_else(|| panic!("data.{k}"))).unwrap()
+    };
+    let drivers = field("artifactDrivers");
+    let driver = &drivers[0];
+    let (name, image) = (
+        driver["name"].as_str().unwrap(),
+        driver["image"].as_str().unwrap(),
+    );
+    let images = field("images");
+    let entry: Vec<String> = serde_yaml::from_value(images[image]["entrypoint"].clone())
+        .expect("the image's entrypoint is declared");
+    assert_eq!(
+        entry,
+        argo_entrypoint(),
+        "ConfigMap and Dockerfile disagree"
+    );
+    let repo = field("artifactRepository");
+    assert_eq!(repo["plugin"]["name"].as_str(), Some(name));
+    let conf = repo["plugin"]["configuration"].as_str().unwrap();
+    fillfs::artifact::config::PluginConfig::parse(conf).expect("the example configuration parses");
+
+    let article =
+        std::fs::read_to_string(manifest_dir().join("../shared/seeds/000_2d8be2b79abf2d4a.txt"))
+            .unwrap_or_default();
+    for file in ["seed-artifact-large-file.yaml", "seed-artifact-gc.yaml"] {
+        let text = std::fs::read_to_string(ex.join(file)).unwrap();
+        if !article.is_empty() {
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                assert!(
+                    article.contains(line),
+                    "{file}: {line:?} is not the article's"
+                );
+            }
+        }
+        let wf: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        for t in wf["spec"]["templates"].as_sequence().unwrap() {
+            for a in t["outputs"]["artifacts"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+            {
+                for k in a.as_mapping().unwrap().keys() {
+                    let k = k.as_str().unwrap();
+                    assert!(
+                        ["name", "path", "artifactGC"].contains(&k),
+                        "{file}: artifact field {k} would bypass the default repository"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -65,6 +65,7 @@ fn every_manifest_is_a_valid_object_without_unknown_fields() {
             "CSIDriver" => round_trip::<CSIDriver>(doc),
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(doc),
             "Secret" => round_trip::<Secret>(doc),
+            "ConfigMap" => round_trip::<k8s_openapi::api::core::v1::ConfigMap>(doc),
             "Pod" => round_trip::<Pod>(doc),
             "PersistentVolume" => round_trip::<PersistentVolume>(doc),
             "PersistentVolumeClaim" => round_trip::<PersistentVolumeClaim>(doc),
