@@ -113,24 +113,39 @@ fn artifact(config: &str, key: &str) -> Option<Artifact> {
     })
 }
 
-/// A client as Argo's Go client dials: `:authority` is `localhost`.
+/// Save of `path` to `key`, as Argo's wait container asks.
+fn save(
+    rt: &tokio::runtime::Runtime,
+    c: &mut ArtifactServiceClient<Channel>,
+    config: &str,
+    key: &str,
+    path: String,
+) -> SaveArtifactResponse {
+    let req = SaveArtifactRequest {
+        path,
+        output_artifact: artifact(config, key),
+    };
+    rt.block_on(c.save(req)).unwrap().into_inner()
+}
+
+/// Load of `key` into `path`, as Argo's init container asks.
+fn load(
+    rt: &tokio::runtime::Runtime,
+    c: &mut ArtifactServiceClient<Channel>,
+    config: &str,
+    key: &str,
+    path: String,
+) -> LoadArtifactResponse {
+    let req = LoadArtifactRequest {
+        input_artifact: artifact(config, key),
+        path,
+    };
+    rt.block_on(c.load(req)).unwrap().into_inner()
+}
+
+/// A client as Argo's Go client dials (`:authority` is `localhost`).
 fn client(rt: &tokio::runtime::Runtime, socket: &Path) -> ArtifactServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = rt.block_on(async move {
-        tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap()
-    });
-    ArtifactServiceClient::new(channel)
+    ArtifactServiceClient::new(unix_channel(rt, socket).unwrap())
 }
 
 #[test]
@@ -146,13 +161,13 @@ fn every_rpc_round_trips_bytes_exactly() {
     let data = pattern(1, 0, 23 * MIB + 17);
     let src = work.path().join("big.bin");
     std::fs::write(&src, &data).unwrap();
-    let r = rt
-        .block_on(c.save(SaveArtifactRequest {
-            path: src.to_string_lossy().into(),
-            output_artifact: artifact(&cfg, "wf/pod/big.bin"),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = save(
+        &rt,
+        &mut c,
+        &cfg,
+        "wf/pod/big.bin",
+        src.to_string_lossy().into(),
+    );
     assert!(r.success, "{}\n{}", r.error, plugin.log());
     assert!(
         emu.object(BUCKET, "wf/pod/big.bin").unwrap() == data,
@@ -162,13 +177,13 @@ fn every_rpc_round_trips_bytes_exactly() {
     // Load it back to where Argo asks (a .tmp path).
     let dst = work.path().join("in/big.bin.tmp");
     std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-    let r = rt
-        .block_on(c.load(LoadArtifactRequest {
-            input_artifact: artifact(&cfg, "wf/pod/big.bin"),
-            path: dst.to_string_lossy().into(),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = load(
+        &rt,
+        &mut c,
+        &cfg,
+        "wf/pod/big.bin",
+        dst.to_string_lossy().into(),
+    );
     assert!(r.success, "{}", r.error);
     assert!(std::fs::read(&dst).unwrap() == data, "loaded bytes differ");
 
@@ -220,13 +235,13 @@ fn every_rpc_round_trips_bytes_exactly() {
     std::fs::write(tree.join("top.txt"), b"top").unwrap();
     std::fs::write(tree.join("a/b/deep.bin"), pattern(3, 0, 6 * MIB)).unwrap();
     std::fs::write(tree.join("a/empty"), b"").unwrap();
-    let r = rt
-        .block_on(c.save(SaveArtifactRequest {
-            path: tree.to_string_lossy().into(),
-            output_artifact: artifact(&cfg, "wf/pod/tree"),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = save(
+        &rt,
+        &mut c,
+        &cfg,
+        "wf/pod/tree",
+        tree.to_string_lossy().into(),
+    );
     assert!(r.success, "{}", r.error);
     let mut listed = rt
         .block_on(c.list_objects(ListObjectsRequest {
@@ -265,13 +280,13 @@ fn every_rpc_round_trips_bytes_exactly() {
         "missing: false, not an error"
     );
     let loaded = work.path().join("tree.tmp");
-    let r = rt
-        .block_on(c.load(LoadArtifactRequest {
-            input_artifact: artifact(&cfg, "wf/pod/tree"),
-            path: loaded.to_string_lossy().into(),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = load(
+        &rt,
+        &mut c,
+        &cfg,
+        "wf/pod/tree",
+        loaded.to_string_lossy().into(),
+    );
     assert!(r.success, "{}", r.error);
     assert_eq!(std::fs::read(loaded.join("top.txt")).unwrap(), b"top");
     assert!(std::fs::read(loaded.join("a/b/deep.bin")).unwrap() == pattern(3, 0, 6 * MIB));
@@ -309,13 +324,13 @@ fn every_rpc_round_trips_bytes_exactly() {
     assert!(left.is_empty(), "left after GC: {left:?}");
 
     // What cannot work says why, and the server keeps serving.
-    let r = rt
-        .block_on(c.load(LoadArtifactRequest {
-            input_artifact: artifact(&cfg, "wf/pod/big.bin"),
-            path: dst.to_string_lossy().into(),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = load(
+        &rt,
+        &mut c,
+        &cfg,
+        "wf/pod/big.bin",
+        dst.to_string_lossy().into(),
+    );
     assert!(
         !r.success && r.error.contains("no such object"),
         "{}",
@@ -326,22 +341,10 @@ fn every_rpc_round_trips_bytes_exactly() {
         ("bucket: b\nprotocl: s3", "protocl"),
         ("", "empty"),
     ] {
-        let r = rt
-            .block_on(c.save(SaveArtifactRequest {
-                path: src.to_string_lossy().into(),
-                output_artifact: artifact(bad, "k"),
-            }))
-            .unwrap()
-            .into_inner();
+        let r = save(&rt, &mut c, bad, "k", src.to_string_lossy().into());
         assert!(!r.success && r.error.contains(says), "{bad:?}: {}", r.error);
     }
-    let r = rt
-        .block_on(c.save(SaveArtifactRequest {
-            path: src.to_string_lossy().into(),
-            output_artifact: artifact(&cfg, "../escape"),
-        }))
-        .unwrap()
-        .into_inner();
+    let r = save(&rt, &mut c, &cfg, "../escape", src.to_string_lossy().into());
     assert!(!r.success && r.error.contains(".."), "{}", r.error);
     let r = rt
         .block_on(c.open_stream(OpenStreamRequest {

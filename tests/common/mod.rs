@@ -251,14 +251,14 @@ pub fn verify_stream(path: &Path, seed: u64, size: u64) -> u64 {
 }
 
 /// A gRPC channel over the unix socket at `path` (one attempt), as kubelet's CSI client and
-/// Argo's plugin client connect.
+/// Argo's plugin client connect (gRPC Go: `:authority` is `localhost`).
 pub fn unix_channel(
     rt: &tokio::runtime::Runtime,
     path: &Path,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
     rt.block_on(async move {
-        tonic::transport::Endpoint::try_from("http://[::]:50051")
+        tonic::transport::Endpoint::try_from("http://localhost")
             .expect("static URI")
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
