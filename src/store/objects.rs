@@ -1,6 +1,6 @@
 //! Whole-object operations on keys relative to the store's root, for the Argo artifact
 //! driver: upload a file or a stream (paid to the same limiters as reads), delete a key or
-//! a prefix (batched), list a prefix's keys, tell whether a prefix has anything under it,
+//! a prefix (batched, one request per 1,000 keys), list a prefix's keys, tell whether a prefix has anything under it,
 //! and the CRC-64 the store declares for a stored object.
 //!
 //! Uploads go through OpenDAL's writer: one PUT up to a part, else a multipart upload with
@@ -200,30 +200,25 @@ impl Store {
         Ok(false)
     }
 
-    /// Deletes `key`; a key already gone is not an error.
-    pub async fn delete_key(&self, key: &str) -> Result<()> {
-        match self.op.delete(key).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Deletes every object under `prefix` (ending in `/`), in batches where the service
-    /// has a batch delete (S3 and OSS: up to 1,000 keys a request). Returns how many keys
-    /// were deleted.
-    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
-        let keys = self.keys_under(prefix).await?;
-        let mut markers = Vec::new();
+    /// Deletes `key` (unless empty) and every object under `prefix` (ending in `/`), in
+    /// batches where the service has a batch delete (S3 and OSS: up to 1,000 keys a request),
+    /// the key in the same batches. Keys already gone are not an error. Returns how many
+    /// objects were under the prefix.
+    pub async fn delete_key_and_prefix(&self, key: &str, prefix: &str) -> Result<usize> {
         let mut lister = self.op.lister_with(prefix).recursive(true).await?;
+        let mut under = Vec::new();
         while let Some(entry) = lister.try_next().await? {
-            if entry.path().ends_with('/') {
-                markers.push(entry.path().to_string());
+            if entry.path() != prefix {
+                under.push(entry.path().to_string());
             }
         }
-        let n = keys.len();
+        let n = under.iter().filter(|k| !k.ends_with('/')).count();
         let mut deleter = self.op.deleter().await?;
-        for k in keys.into_iter().chain(markers) {
+        for k in (!key.is_empty())
+            .then(|| key.to_string())
+            .into_iter()
+            .chain(under)
+        {
             deleter.delete(k).await?;
         }
         deleter.close().await?;

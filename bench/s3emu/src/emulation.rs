@@ -32,6 +32,8 @@ pub struct Stats {
     pub lists: u64,
     /// PutObject and UploadPart requests.
     pub puts: u64,
+    /// DeleteObject and DeleteObjects (batch) requests.
+    pub deletes: u64,
     /// Body bytes handed to the connection by GetObject responses.
     pub get_bytes: u64,
     /// GET/HEAD answered with an injected 5xx (probabilistic or `fail_next_gets`).
@@ -49,6 +51,7 @@ pub struct Counters {
     pub heads: AtomicU64,
     pub lists: AtomicU64,
     pub puts: AtomicU64,
+    pub deletes: AtomicU64,
     pub get_bytes: AtomicU64,
     pub injected_errors: AtomicU64,
     pub injected_resets: AtomicU64,
@@ -63,6 +66,7 @@ impl Counters {
             heads: self.heads.load(Relaxed),
             lists: self.lists.load(Relaxed),
             puts: self.puts.load(Relaxed),
+            deletes: self.deletes.load(Relaxed),
             get_bytes: self.get_bytes.load(Relaxed),
             injected_errors: self.injected_errors.load(Relaxed),
             injected_resets: self.injected_resets.load(Relaxed),
@@ -77,6 +81,7 @@ impl Counters {
             &self.heads,
             &self.lists,
             &self.puts,
+            &self.deletes,
             &self.get_bytes,
             &self.injected_errors,
             &self.injected_resets,

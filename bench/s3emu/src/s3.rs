@@ -591,6 +591,7 @@ impl S3 for Emu {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        Counters::add(&self.s().counters.deletes, 1);
         self.s().store.delete(&req.input.bucket, &req.input.key)?;
         Ok(S3Response::new(DeleteObjectOutput::default()))
     }
@@ -600,6 +601,7 @@ impl S3 for Emu {
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         let s = self.s();
+        Counters::add(&s.counters.deletes, 1);
         let input = req.input;
         if !s.store.bucket_exists(&input.bucket) {
             return Err(s3_error!(NoSuchBucket));
