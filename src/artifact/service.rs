@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -561,12 +561,4 @@ pub async fn serve(
         .await;
     let _ = std::fs::remove_file(socket);
     result.map_err(|e| Error::Io(std::io::Error::other(format!("gRPC server: {e}"))))
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>(_: T) {}
-    let d = Arc::new(Driver::default());
-    is_send(async move { d.list(None).await });
-    let _ = TryStreamExt::into_stream(futures::stream::empty::<std::result::Result<(), ()>>());
 }

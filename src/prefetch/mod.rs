@@ -121,11 +121,8 @@ impl PrefetchBudget {
         // Released holds go; a miss's hold stays even before its permit arrives.
         q.retain(|w| w.upgrade().is_some_and(|h| h.data().is_some()));
         let pick = |consumed: bool| {
-            q.iter().position(|w| {
-                w.upgrade().is_some_and(|h| {
-                    h.holds_memory() && h.is_complete() && h.is_consumed() == consumed
-                })
-            })
+            q.iter()
+                .position(|w| w.upgrade().is_some_and(|h| h.can_give_back(consumed)))
         };
         let at = pick(false).or_else(|| pick(true))?;
         q.remove(at).and_then(|w| w.upgrade())
@@ -204,25 +201,15 @@ impl Hold {
         }
     }
 
-    /// Whether the block's fetch has finished (successfully or not).
-    fn is_complete(&self) -> bool {
+    /// Whether taking this hold back frees budget without wasting a fetch: it has a permit,
+    /// its fetch has finished, and a reader has (`consumed`) or has not had the block.
+    fn can_give_back(&self, consumed: bool) -> bool {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Read-ahead is a task nobody polls through `data` until its reader comes.
         g.as_ref().is_some_and(|h| {
-            h.data.peek().is_some() || h.abort.as_ref().is_some_and(|a| a.is_finished())
+            // Read-ahead is a task nobody polls through `data` until its reader comes.
+            let done = h.data.peek().is_some() || h.abort.as_ref().is_some_and(|a| a.is_finished());
+            h.permit.is_some() && done && h.consumed == consumed
         })
-    }
-
-    /// Whether a reader has had the block.
-    fn is_consumed(&self) -> bool {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().is_some_and(|h| h.consumed)
-    }
-
-    /// Whether taking this hold back frees budget.
-    fn holds_memory(&self) -> bool {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().is_some_and(|h| h.permit.is_some())
     }
 
     /// Drops the block reference, returns the permit, aborts a fetch still running.

@@ -2,7 +2,7 @@
 //! object's CRC-64 (`x-oss-hash-crc64ecma` from OSS, also on its S3-compatible endpoint;
 //! `x-cos-hash-crc64ecma` from COS), sent on every GET, ranged ones included.
 //!
-//! [`HeaderTap`] wraps the operator's HTTP transport and reads those headers off each GET
+//! [`HeaderTap`] wraps the operator's HTTP transport and reads those headers off each GET (and HEAD)
 //! response; [`with_object_crc64`] runs a read with a task-local slot the tap fills, so the
 //! value reaches the caller of that read and no other. OpenDAL runs a single-stream read
 //! (what [`super::Store`] asks for) inside the caller's task, retries included, so the slot
@@ -77,13 +77,7 @@ impl HttpTransport for HeaderTap {
                 .is_some_and(|q| q.split('&').any(|p| p == "list-type=2"));
         let if_match = req.headers().get(IF_MATCH).cloned();
         let resp = self.inner.fetch(req).await?;
-        if is_head {
-            if let Some(crc) = crc64_of_response(resp.headers()) {
-                let _ = OBJECT_CRC64.try_with(|slot| slot.set(Some(crc)));
-            }
-            return Ok(resp);
-        }
-        if !is_get {
+        if !is_get && !is_head {
             return Ok(resp);
         }
         if is_list && let Ok(sink) = SLASH_KEYS.try_with(Arc::clone) {
@@ -109,7 +103,8 @@ impl HttpTransport for HeaderTap {
             return Ok(failed);
         }
         if let Some(crc) = crc64_of_response(resp.headers()) {
-            // Outside `with_object_crc64` (listings, the FUSE cache) nobody asks.
+            // GET and HEAD (an upload's check) declare it; outside `with_object_crc64`
+            // (listings, the FUSE cache) nobody asks.
             let _ = OBJECT_CRC64.try_with(|slot| slot.set(Some(crc)));
         }
         Ok(resp)
