@@ -80,6 +80,17 @@ pub enum Error {
     #[error("object store: {0}")]
     Store(#[from] opendal::Error),
 
+    /// A request this crate signs and sends itself (the multipart protocol,
+    /// `store/multipart.rs`); `status` is `None` when no answer came.
+    #[error("object store: {op} of {key:?}: {}{code}: {message}", status.map(|s| format!("HTTP {s} ")).unwrap_or_default())]
+    Request {
+        op: &'static str,
+        key: String,
+        status: Option<u16>,
+        code: String,
+        message: String,
+    },
+
     #[error(transparent)]
     Io(#[from] io::Error),
 
@@ -121,6 +132,7 @@ impl Error {
             | Error::Locked { .. } => true,
             Error::Copy { cause, .. } => cause.is_permanent(),
             Error::Shared(e) => e.is_permanent(),
+            Error::Request { .. } => !self.is_transient_request(),
             // What retrying cannot change: a full, read-only or forbidden target, a name
             // the target's file system cannot hold.
             // (By kind: a message-carrying io::Error has no raw errno, only its kind.)
@@ -132,6 +144,27 @@ impl Error {
                     | io::ErrorKind::InvalidFilename
                     | io::ErrorKind::PermissionDenied
             ),
+            _ => false,
+        }
+    }
+
+    /// For [`Error::Request`]: whether sending it again may succeed (no answer, 5xx,
+    /// throttling, a timeout, or a body that arrived damaged).
+    pub fn is_transient_request(&self) -> bool {
+        match self {
+            Error::Request { status, code, .. } => {
+                matches!(status, None | Some(408) | Some(429) | Some(500..))
+                    || matches!(
+                        code.as_str(),
+                        "RequestTimeout"
+                            | "SlowDown"
+                            | "BadDigest"
+                            | "InvalidDigest"
+                            | "InternalError"
+                            | "IncompleteBody"
+                    )
+            }
+            Error::Shared(e) => e.is_transient_request(),
             _ => false,
         }
     }

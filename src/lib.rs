@@ -22,5 +22,6 @@ pub mod options;
 pub mod populate;
 pub mod prefetch;
 pub mod store;
+pub mod upload;
 
 pub use error::{Error, Result};

@@ -22,6 +22,8 @@ pub const THROUGHPUT_MIB: RangeInclusive<f64> = 0.0625..=1024.0 * 1024.0;
 pub const BLOCK_SIZE: RangeInclusive<u64> = 64 * KIB..=256 * MIB;
 /// A populate range: 64 KiB to 5 GiB (S3's and OSS's largest part).
 pub const PART_SIZE: RangeInclusive<u64> = 64 * KIB..=5 * GIB;
+/// A multipart upload's part: S3 and OSS refuse smaller parts (but the last) and bigger ones.
+pub const UPLOAD_PART_SIZE: RangeInclusive<u64> = 5 * MIB..=5 * GIB;
 /// How long listings are trusted: up to 365 days (moka refuses TTLs over 1,000 years).
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Kernel read-ahead per file: 0 (kernel default) up to 1 GiB.

@@ -14,6 +14,7 @@
 //! [`crate::cache`]) nor decide what to read ahead (that is [`crate::prefetch`]).
 
 pub mod credentials;
+pub mod multipart;
 pub mod objects;
 pub mod operator;
 pub mod response;
@@ -123,6 +124,9 @@ pub struct Store {
     principal: Arc<str>,
     limiters: Arc<[Arc<RateLimiter>]>,
     stats: Arc<StoreStats>,
+    /// What the store was built from, for the multipart client (built on first use).
+    config: Arc<StoreConfig>,
+    multipart: Arc<std::sync::OnceLock<std::result::Result<Arc<multipart::Client>, String>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -147,7 +151,26 @@ impl Store {
             principal: principal(cfg).into(),
             limiters: limiters.into(),
             stats: Arc::new(StoreStats::default()),
+            config: Arc::new(cfg.clone()),
+            multipart: Default::default(),
         })
+    }
+
+    /// The multipart-protocol client of this store (S3 and OSS only).
+    pub fn multipart(&self) -> Result<Arc<multipart::Client>> {
+        self.multipart
+            .get_or_init(|| {
+                multipart::Client::new(&self.config, &self.endpoint)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::InvalidOption)
+    }
+
+    /// The limiters every byte sent or received pays.
+    pub fn limiters(&self) -> &[Arc<RateLimiter>] {
+        &self.limiters
     }
 
     pub fn source(&self) -> &SourceUrl {

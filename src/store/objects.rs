@@ -164,6 +164,11 @@ impl Store {
         Ok((super::object_meta(&meta?), crc))
     }
 
+    /// Deletes one object (one already gone is not an error).
+    pub async fn delete_object(&self, key: &str) -> Result<()> {
+        Ok(self.op.delete(key).await?)
+    }
+
     /// Whether `key` is an object.
     pub async fn exists(&self, key: &str) -> Result<bool> {
         match self.op.stat(key).await {

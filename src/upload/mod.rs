@@ -1,0 +1,981 @@
+//! Uploads: a file, a directory tree or a stream into the store, every byte paid to the
+//! store's limiters, every part checked, files over one part resumable.
+//!
+//! - Up to one part (`part_size`), an object is one PUT (OpenDAL's writer, `store/objects.rs`);
+//!   above it, a multipart upload (`store/multipart.rs`) whose parts run in parallel under two
+//!   bounds shared by every file of the [`Uploader`]: `jobs` parts (or small files) in flight,
+//!   and `memory` bytes of parts read and not yet acknowledged.
+//! - A part is read into memory once, hashed (CRC-64/XZ always; MD5 for S3, sent as
+//!   `Content-MD5`), sent as a paced stream, and checked against the answer: the part's
+//!   `x-oss-hash-crc64ecma` where the store declares it, its ETag where it is an MD5.
+//!   A mismatch, a 5xx or a reset sends the part again (up to `max_attempts`).
+//! - After CompleteMultipartUpload the object's CRC-64 (the parts' CRCs combined, without
+//!   reading anything again) must equal what the store declares; on S3, which declares none,
+//!   the multipart ETag (MD5 of the parts' MD5s) is compared. A mismatch deletes the object.
+//! - Resuming: a checkpoint (`checkpoint.rs`) records the upload id, part size, the source's
+//!   size and mtime and the acknowledged parts. A new upload of the same file to the same key
+//!   confirms those parts with ListParts and sends only the others; without a checkpoint (a
+//!   container restarted with a fresh disk) the key's open uploads are found with
+//!   ListMultipartUploads and their parts confirmed by hashing the file's own bytes. A changed
+//!   source starts over. Uploads of the key not resumed are aborted, and so is an upload that
+//!   fails: nothing is left open to be billed, and a half-written object is never visible.
+//!   An upload that is only interrupted (the process killed, or the future dropped on Ctrl-C)
+//!   stays open for the next run to resume.
+//!
+//! This module must not parse options or print (commands do), nor speak HTTP itself.
+
+pub mod checkpoint;
+pub mod run;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use self::checkpoint::{Checkpoint, CheckpointDir, DonePart, SourceVersion};
+use crate::error::{Error, Result};
+use crate::populate::integrity::{self, Checked};
+use crate::populate::progress::Progress;
+use crate::store::multipart::{self, Client, ListedPart, PartBody};
+use crate::store::objects::UploadShape;
+use crate::store::{Scheme, Store};
+
+/// How uploads are cut and run.
+#[derive(Debug, Clone)]
+pub struct UploadOptions {
+    /// Part size; grown for a file that would otherwise need more than 10,000 parts.
+    pub part_size: u64,
+    /// Parts (and small files) in flight.
+    pub jobs: usize,
+    /// Bytes of parts read and not yet acknowledged.
+    pub memory: u64,
+    /// Where checkpoints are kept; `None`: no checkpoints (resuming then relies on
+    /// ListMultipartUploads and the file's bytes).
+    pub state_dir: Option<PathBuf>,
+    /// Sends of one part (or one complete) before giving up.
+    pub max_attempts: u32,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            part_size: 16 * 1024 * 1024,
+            jobs: 16,
+            memory: 512 * 1024 * 1024,
+            state_dir: None,
+            max_attempts: 10,
+        }
+    }
+}
+
+/// Counters of an [`Uploader`], for logs, tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    /// Body bytes sent (parts and single PUTs), re-sent parts included.
+    pub bytes_sent: AtomicU64,
+    pub parts_sent: AtomicU64,
+    /// Parts sent again after a mismatch or a transient failure.
+    pub parts_retried: AtomicU64,
+    /// Parts an earlier run had sent, confirmed and not sent again.
+    pub parts_resumed: AtomicU64,
+    pub bytes_resumed: AtomicU64,
+    /// Open uploads aborted (failed, or abandoned by an earlier run).
+    pub uploads_aborted: AtomicU64,
+}
+
+/// What one object's upload stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uploaded {
+    pub bytes: u64,
+    pub crc64: u64,
+    pub checked: Checked,
+    /// 0 for a single PUT.
+    pub parts: u32,
+    pub parts_resumed: u32,
+}
+
+/// Uploads into one store; cheap to clone, and clones share the bounds and counters.
+#[derive(Clone)]
+pub struct Uploader {
+    store: Store,
+    opts: UploadOptions,
+    slots: Arc<Semaphore>,
+    /// In KiB.
+    memory: Arc<Semaphore>,
+    stats: Arc<UploadStats>,
+    progress: Option<Arc<Progress>>,
+}
+
+/// A part read and hashed.
+struct PartData {
+    number: u32,
+    data: Bytes,
+    crc64: u64,
+    md5: Option<[u8; 16]>,
+}
+
+impl Uploader {
+    pub fn new(store: Store, opts: UploadOptions) -> Self {
+        let kib = (opts.memory / 1024).clamp(1, u32::MAX as u64 / 2) as usize;
+        Uploader {
+            slots: Arc::new(Semaphore::new(opts.jobs.max(1))),
+            memory: Arc::new(Semaphore::new(kib)),
+            stats: Arc::new(UploadStats::default()),
+            progress: None,
+            store,
+            opts,
+        }
+    }
+
+    /// Counts uploaded bytes and files into `progress`.
+    pub fn with_progress(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    pub fn stats(&self) -> &UploadStats {
+        &self.stats
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The part size for an object of `size` bytes: the configured one, grown (in whole
+    /// MiB) so that no more than 10,000 parts are needed; 5 TiB fits.
+    pub fn part_size_for(&self, size: u64) -> u64 {
+        part_size_for(self.opts.part_size, size)
+    }
+
+    fn object_url(&self, key: &str) -> String {
+        let s = self.store.source();
+        format!("{}://{}/{}{key}", s.scheme, s.bucket, s.prefix)
+    }
+
+    fn progress_bytes(&self, n: u64) {
+        if let Some(p) = &self.progress {
+            p.bytes_done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    async fn memory_for(&self, bytes: u64) -> OwnedSemaphorePermit {
+        let total = (self.opts.memory / 1024).clamp(1, u32::MAX as u64 / 2);
+        let kib = bytes.div_ceil(1024).clamp(1, total) as u32;
+        self.memory
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the memory semaphore is never closed")
+    }
+
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the job semaphore is never closed")
+    }
+
+    /// Uploads the file at `path` to `key`.
+    pub async fn file(&self, path: &Path, key: &str) -> Result<Uploaded> {
+        let meta = std::fs::metadata(path).map_err(|e| io_at(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidOption(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let size = meta.len();
+        let multipart_ok = self.store.source().scheme != Scheme::File;
+        let part_size = self.part_size_for(size);
+        let up = if size <= part_size || !multipart_ok {
+            self.single_put(path, key, size).await?
+        } else {
+            self.multipart_file(path, key, &meta, part_size).await?
+        };
+        if let Some(p) = &self.progress {
+            p.files_done.fetch_add(1, Ordering::Relaxed);
+            p.count_checked(up.checked);
+        }
+        Ok(up)
+    }
+
+    async fn single_put(&self, path: &Path, key: &str, size: u64) -> Result<Uploaded> {
+        let _slot = self.slot().await;
+        let _mem = self.memory_for(size.min(8 << 20)).await;
+        let shape = UploadShape {
+            part_size: size.max(1),
+            concurrent: 1,
+        };
+        let up = self.store.upload_file(path, key, shape).await?;
+        self.stats.bytes_sent.fetch_add(up.bytes, Ordering::Relaxed);
+        self.progress_bytes(up.bytes);
+        Ok(Uploaded {
+            bytes: up.bytes,
+            crc64: up.crc64,
+            checked: if up.crc_checked {
+                Checked::Crc64
+            } else {
+                Checked::SizeOnly
+            },
+            parts: 0,
+            parts_resumed: 0,
+        })
+    }
+
+    /// Uploads every regular file under `dir` to `prefix` + its path relative to `dir`
+    /// (`prefix` empty or ending in `/`), `jobs` at a time. Returns (files, bytes).
+    pub async fn tree(&self, dir: &Path, prefix: &str) -> Result<(u64, u64)> {
+        let files = walk_files(dir).map_err(|e| io_at(dir, e))?;
+        let results: Vec<Result<u64>> = futures::stream::iter(files)
+            .map(|(rel, _)| {
+                let (path, key) = (dir.join(&rel), format!("{prefix}{rel}"));
+                async move {
+                    self.file(&path, &key)
+                        .await
+                        .map(|u| u.bytes)
+                        .map_err(|e| Error::Copy {
+                            path: path.display().to_string(),
+                            cause: Box::new(e),
+                        })
+                }
+            })
+            .buffer_unordered(self.opts.jobs.max(1))
+            .collect()
+            .await;
+        let files = results.len() as u64;
+        let bytes = results.into_iter().sum::<Result<u64>>()?;
+        Ok((files, bytes))
+    }
+
+    /// Uploads what `chunks` yields to `key`: one PUT if it ends within one part, else a
+    /// multipart upload fed as the stream arrives (at most `jobs` parts in flight and one
+    /// filling: no temporary file). Parts grow (doubling every 1,000) so a stream of
+    /// unknown length never runs out of part numbers. Not resumable: a stream cannot be
+    /// replayed.
+    pub async fn stream<S>(&self, key: &str, mut chunks: S) -> Result<Uploaded>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let first = stream_part_size(self.opts.part_size, 1);
+        let mut buf = BytesMut::new();
+        let mut ended = false;
+        while buf.len() as u64 <= first {
+            match chunks.try_next().await? {
+                Some(c) => buf.extend_from_slice(&c),
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended || self.store.source().scheme == Scheme::File {
+            return self.single_put_stream(key, buf, chunks).await;
+        }
+        let client = self.store.multipart()?;
+        let upload_id = client.initiate(key).await?;
+        let result = self
+            .stream_parts(&client, key, &upload_id, buf, &mut chunks)
+            .await;
+        self.finish_or_abort(&client, key, &upload_id, result, None)
+            .await
+    }
+
+    async fn single_put_stream<S>(&self, key: &str, buf: BytesMut, mut rest: S) -> Result<Uploaded>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let _slot = self.slot().await;
+        let shape = UploadShape {
+            part_size: self.opts.part_size,
+            concurrent: self.opts.jobs.max(1),
+        };
+        let mut sink = self.store.upload(key, shape).await?;
+        let result = async {
+            sink.write(buf.freeze()).await?;
+            while let Some(c) = rest.try_next().await? {
+                sink.write(c).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            sink.abort().await;
+            return Err(e);
+        }
+        let up = sink.finish().await?;
+        self.stats.bytes_sent.fetch_add(up.bytes, Ordering::Relaxed);
+        Ok(Uploaded {
+            bytes: up.bytes,
+            crc64: up.crc64,
+            checked: if up.crc_checked {
+                Checked::Crc64
+            } else {
+                Checked::SizeOnly
+            },
+            parts: 0,
+            parts_resumed: 0,
+        })
+    }
+
+    async fn stream_parts<S>(
+        &self,
+        client: &Arc<Client>,
+        key: &str,
+        upload_id: &str,
+        mut buf: BytesMut,
+        chunks: &mut S,
+    ) -> Result<BTreeMap<u32, DonePart>>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
+        let md5 = client.scheme == Scheme::S3;
+        let mut sending = tokio::task::JoinSet::new();
+        let mut done = BTreeMap::new();
+        let mut number = 0u32;
+        let mut ended = false;
+        loop {
+            let size = stream_part_size(self.opts.part_size, number + 1);
+            while !ended && (buf.len() as u64) < size {
+                match chunks.try_next().await? {
+                    Some(c) => buf.extend_from_slice(&c),
+                    None => ended = true,
+                }
+                while let Some(r) = sending.try_join_next() {
+                    let (n, part) = joined(r)?;
+                    done.insert(n, part);
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            if number as u64 >= multipart::MAX_PARTS {
+                return Err(Error::InvalidOption(format!(
+                    "{key}: the stream needs more than 10,000 parts"
+                )));
+            }
+            number += 1;
+            let data = buf.split_to((size as usize).min(buf.len())).freeze();
+            // The bounds are taken before the next part is read: a slow store holds the
+            // stream back instead of filling memory.
+            let slot = self.slot().await;
+            let mem = self.memory_for(data.len() as u64).await;
+            let me = self.clone();
+            let (client, key, upload_id) = (client.clone(), key.to_string(), upload_id.to_string());
+            sending.spawn(async move {
+                let _held = (slot, mem);
+                let part = tokio::task::spawn_blocking(move || hash_part(number, data, md5))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+                let sent = me.send_part(&client, &key, &upload_id, &part).await?;
+                Ok::<_, Error>((number, sent))
+            });
+            if ended && buf.is_empty() {
+                break;
+            }
+        }
+        while let Some(r) = sending.join_next().await {
+            let (n, part) = joined(r)?;
+            done.insert(n, part);
+        }
+        Ok(done)
+    }
+
+    async fn multipart_file(
+        &self,
+        path: &Path,
+        key: &str,
+        meta: &std::fs::Metadata,
+        part_size: u64,
+    ) -> Result<Uploaded> {
+        let client = self.store.multipart()?;
+        let size = meta.len();
+        let version = SourceVersion::of(meta);
+        let object = self.object_url(key);
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let cp_path = self
+            .opts
+            .state_dir
+            .as_ref()
+            .map(|d| CheckpointDir::new(d).file_for(&object, &abs));
+        let (upload_id, confirmed) = self
+            .resume_or_start(&client, path, key, version, part_size, cp_path.as_deref())
+            .await?;
+        let resumed = confirmed.len() as u32;
+        let resumed_bytes: u64 = confirmed.values().map(|p| p.size).sum();
+        if resumed > 0 {
+            self.stats
+                .parts_resumed
+                .fetch_add(resumed as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_resumed
+                .fetch_add(resumed_bytes, Ordering::Relaxed);
+            self.progress_bytes(resumed_bytes);
+            tracing::info!(
+                key,
+                upload_id,
+                parts = resumed,
+                bytes = resumed_bytes,
+                "resuming an upload: parts already stored are not sent again"
+            );
+        }
+        let nparts = size.div_ceil(part_size) as u32;
+        let mut cp = Checkpoint {
+            version: 1,
+            object,
+            upload_id: upload_id.clone(),
+            part_size,
+            source: version,
+            parts: confirmed,
+        };
+        if let Some(p) = &cp_path
+            && let Err(e) = cp.save(p)
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot write the upload checkpoint; the upload goes on without it");
+        }
+        let todo: Vec<u32> = (1..=nparts).filter(|n| !cp.parts.contains_key(n)).collect();
+        let shared = Arc::new(Mutex::new((cp.clone(), Instant::now())));
+        let file = Arc::new(std::fs::File::open(path).map_err(|e| io_at(path, e))?);
+        let md5 = client.scheme == Scheme::S3;
+        let result = futures::stream::iter(todo)
+            .map(|number| {
+                let (file, shared, client, cp_path) = (
+                    file.clone(),
+                    shared.clone(),
+                    client.clone(),
+                    cp_path.clone(),
+                );
+                let (key, upload_id) = (key.to_string(), upload_id.clone());
+                async move {
+                    let (offset, len) = part_range(size, part_size, number);
+                    let _slot = self.slot().await;
+                    let _mem = self.memory_for(len).await;
+                    let part = tokio::task::spawn_blocking(move || {
+                        read_part(&file, offset, len).map(|d| hash_part(number, d, md5))
+                    })
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    let sent = self.send_part(&client, &key, &upload_id, &part).await?;
+                    let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    g.0.parts.insert(number, sent);
+                    // At most twice a second: a part lost from the checkpoint is still
+                    // found by ListParts and confirmed from the file.
+                    if let Some(p) = &cp_path
+                        && g.1.elapsed() >= Duration::from_millis(500)
+                    {
+                        let _ = g.0.save(p);
+                        g.1 = Instant::now();
+                    }
+                    Ok::<_, Error>(())
+                }
+            })
+            .buffer_unordered(self.opts.jobs.max(1))
+            .try_collect::<()>()
+            .await
+            .map(|()| {
+                let g = shared.lock().unwrap_or_else(|e| e.into_inner());
+                g.0.parts.clone()
+            });
+        cp.parts = BTreeMap::new();
+        let mut up = self
+            .finish_or_abort(&client, key, &upload_id, result, cp_path.as_deref())
+            .await?;
+        up.parts_resumed = resumed;
+        if up.bytes != size {
+            return Err(Error::SizeMismatch {
+                path: key.to_string(),
+                expected: size,
+                got: up.bytes,
+            });
+        }
+        Ok(up)
+    }
+
+    /// The upload to continue and the parts of it confirmed, or a new upload.
+    async fn resume_or_start(
+        &self,
+        client: &Client,
+        path: &Path,
+        key: &str,
+        version: SourceVersion,
+        part_size: u64,
+        cp_path: Option<&Path>,
+    ) -> Result<(String, BTreeMap<u32, DonePart>)> {
+        let mut candidates: Vec<(String, BTreeMap<u32, DonePart>)> = Vec::new();
+        if let Some(cp) = cp_path.and_then(Checkpoint::load) {
+            if cp.source == version && cp.part_size == part_size {
+                candidates.push((cp.upload_id, cp.parts));
+            } else {
+                tracing::info!(
+                    key,
+                    upload_id = cp.upload_id,
+                    "the source changed since the last upload began (size or mtime): starting over"
+                );
+                self.abort(client, key, &cp.upload_id).await;
+                if let Some(p) = cp_path {
+                    Checkpoint::remove(p);
+                }
+            }
+        }
+        // Uploads of the key the store holds: a checkpoint may have been lost with its
+        // container, or never kept.
+        match client.open_uploads(key).await {
+            Ok(mut open) => {
+                open.sort_by(|a, b| b.initiated.cmp(&a.initiated));
+                for u in open {
+                    if !candidates.iter().any(|(id, _)| *id == u.upload_id) {
+                        candidates.push((u.upload_id, BTreeMap::new()));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(key, error = %e, "cannot list the key's open uploads"),
+        }
+        let size = version.size;
+        let mut chosen = None;
+        for (id, known) in candidates {
+            if chosen.is_some() {
+                tracing::info!(
+                    key,
+                    upload_id = id,
+                    "aborting an abandoned upload of the key"
+                );
+                self.abort(client, key, &id).await;
+                continue;
+            }
+            match client.list_parts(key, &id).await {
+                Ok(listed) => {
+                    let confirmed = confirm_parts(
+                        path,
+                        size,
+                        part_size,
+                        &listed,
+                        &known,
+                        client.scheme == Scheme::S3,
+                    )
+                    .await?;
+                    chosen = Some((id, confirmed));
+                }
+                Err(Error::Request { code, .. }) if code == "NoSuchUpload" => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match chosen {
+            Some(c) => Ok(c),
+            None => Ok((client.initiate(key).await?, BTreeMap::new())),
+        }
+    }
+
+    async fn abort(&self, client: &Client, key: &str, upload_id: &str) {
+        match client.abort(key, upload_id).await {
+            Ok(()) => {
+                self.stats.uploads_aborted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(key, upload_id, error = %e, "aborting an upload failed"),
+        }
+    }
+
+    /// Sends one part until the store acknowledges the bytes that were sent.
+    async fn send_part(
+        &self,
+        client: &Client,
+        key: &str,
+        upload_id: &str,
+        part: &PartData,
+    ) -> Result<DonePart> {
+        let md5_hex = part.md5.map(|m| integrity::hex(&m));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let body = PartBody {
+                len: part.data.len() as u64,
+                content_md5: part
+                    .md5
+                    .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+                stream: Box::pin(paced(&self.store, part.data.clone())),
+            };
+            self.stats.parts_sent.fetch_add(1, Ordering::Relaxed);
+            let err = match client.upload_part(key, upload_id, part.number, body).await {
+                Ok(r) => {
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(part.data.len() as u64, Ordering::Relaxed);
+                    let etag_md5 = integrity::etag_md5(Some(&r.etag));
+                    let bad = match (r.crc64, &etag_md5, &md5_hex) {
+                        (Some(c), _, _) if c != part.crc64 => {
+                            Some((format!("CRC-64 {}", part.crc64), format!("CRC-64 {c}")))
+                        }
+                        (_, Some(got), Some(want)) if got != want => {
+                            Some((format!("MD5 {want}"), format!("ETag {got}")))
+                        }
+                        _ => None,
+                    };
+                    match bad {
+                        None => {
+                            self.progress_bytes(part.data.len() as u64);
+                            return Ok(DonePart {
+                                etag: r.etag,
+                                size: part.data.len() as u64,
+                                crc64: part.crc64,
+                                md5: md5_hex.clone().or(etag_md5).unwrap_or_default(),
+                            });
+                        }
+                        Some((expected, got)) => Error::ChecksumMismatch {
+                            path: format!("{key} part {}", part.number),
+                            expected,
+                            got,
+                        },
+                    }
+                }
+                Err(e) if e.is_transient_request() => e,
+                Err(e) => return Err(e),
+            };
+            if attempt >= self.opts.max_attempts {
+                return Err(err);
+            }
+            self.stats.parts_retried.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff(attempt);
+            tracing::warn!(
+                key,
+                part = part.number,
+                attempt,
+                after_ms = delay.as_millis() as u64,
+                "sending a part again: {err}"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Completes the upload from `parts` and checks the object; on any failure (before or
+    /// here) the upload is aborted and the checkpoint removed.
+    async fn finish_or_abort(
+        &self,
+        client: &Client,
+        key: &str,
+        upload_id: &str,
+        parts: Result<BTreeMap<u32, DonePart>>,
+        cp_path: Option<&Path>,
+    ) -> Result<Uploaded> {
+        let result = match parts {
+            Ok(parts) => self.complete(client, key, upload_id, &parts).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(key, upload_id, error = %e, "the upload failed; aborting it");
+            self.abort(client, key, upload_id).await;
+        }
+        if let Some(p) = cp_path {
+            Checkpoint::remove(p);
+        }
+        result
+    }
+
+    async fn complete(
+        &self,
+        client: &Client,
+        key: &str,
+        upload_id: &str,
+        parts: &BTreeMap<u32, DonePart>,
+    ) -> Result<Uploaded> {
+        let list: Vec<(u32, String)> = parts.iter().map(|(n, p)| (*n, p.etag.clone())).collect();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.complete(key, upload_id, &list).await {
+                Ok(_) => break,
+                Err(e) if e.is_transient_request() && attempt < self.opts.max_attempts => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let bytes: u64 = parts.values().map(|p| p.size).sum();
+        let crc64 = parts.values().fold(0, |acc, p| {
+            crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Xz, acc, p.crc64, p.size)
+        });
+        let (meta, declared) = self.store.stat_with_crc64(key).await?;
+        let mut checked = Checked::SizeOnly;
+        let mut mismatch = (meta.size != bytes).then(|| {
+            (
+                format!("{bytes} bytes (sent)"),
+                format!("{} bytes (stored)", meta.size),
+            )
+        });
+        if mismatch.is_none() {
+            if let Some(d) = declared {
+                checked = Checked::Crc64;
+                if d != crc64 {
+                    mismatch = Some((
+                        format!("CRC-64 {crc64} (sent)"),
+                        format!("CRC-64 {d} (stored)"),
+                    ));
+                }
+            } else if let Some(want) = multipart_etag(parts)
+                && let Some(got) = meta
+                    .etag
+                    .as_deref()
+                    .map(|e| e.trim_matches('"').to_ascii_lowercase())
+                && got.contains('-')
+            {
+                checked = Checked::Md5;
+                if got != want {
+                    mismatch = Some((
+                        format!("ETag {want} (sent)"),
+                        format!("ETag {got} (stored)"),
+                    ));
+                }
+            }
+        }
+        if let Some((expected, got)) = mismatch {
+            let _ = self.store.delete_object(key).await;
+            return Err(Error::ChecksumMismatch {
+                path: key.to_string(),
+                expected,
+                got,
+            });
+        }
+        Ok(Uploaded {
+            bytes,
+            crc64,
+            checked,
+            parts: parts.len() as u32,
+            parts_resumed: 0,
+        })
+    }
+}
+
+/// `part_size` grown (in whole MiB) so `size` fits in 10,000 parts; at most 5 GiB.
+pub fn part_size_for(part_size: u64, size: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let needed = size.div_ceil(multipart::MAX_PARTS).div_ceil(MIB) * MIB;
+    part_size
+        .max(needed)
+        .max(multipart::MIN_PART)
+        .min(multipart::MAX_SINGLE_PUT)
+}
+
+/// Part `number`'s size in a stream: `base` for the first 1,000, doubling each 1,000 after.
+fn stream_part_size(base: u64, number: u32) -> u64 {
+    let doublings = ((number.max(1) - 1) / 1000).min(20);
+    (base.max(multipart::MIN_PART) << doublings).min(multipart::MAX_SINGLE_PUT)
+}
+
+/// Offset and length of part `number` (from 1) of an object of `size` cut in `part_size`.
+fn part_range(size: u64, part_size: u64, number: u32) -> (u64, u64) {
+    let offset = (number as u64 - 1) * part_size;
+    (offset, part_size.min(size - offset))
+}
+
+fn read_part(file: &std::fs::File, offset: u64, len: u64) -> Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(Bytes::from(buf))
+}
+
+fn hash_part(number: u32, data: Bytes, md5: bool) -> PartData {
+    let crc64 = integrity::crc64(&data);
+    let md5 = md5.then(|| Md5::digest(&data).into());
+    PartData {
+        number,
+        data,
+        crc64,
+        md5,
+    }
+}
+
+/// The listed parts that hold this file's bytes: those the checkpoint knows with the same
+/// ETag and size, and others whose ETag is the MD5 of the file's bytes at that place.
+async fn confirm_parts(
+    path: &Path,
+    size: u64,
+    part_size: u64,
+    listed: &[ListedPart],
+    known: &BTreeMap<u32, DonePart>,
+    md5: bool,
+) -> Result<BTreeMap<u32, DonePart>> {
+    let nparts = size.div_ceil(part_size) as u32;
+    let mut out = BTreeMap::new();
+    let mut to_hash = Vec::new();
+    for p in listed {
+        if p.number == 0 || p.number > nparts || part_range(size, part_size, p.number).1 != p.size {
+            continue;
+        }
+        match known.get(&p.number) {
+            Some(k) if k.etag == p.etag && k.size == p.size => {
+                out.insert(p.number, k.clone());
+            }
+            _ => to_hash.push(p.clone()),
+        }
+    }
+    if to_hash.is_empty() {
+        return Ok(out);
+    }
+    let file = std::fs::File::open(path).map_err(|e| io_at(path, e))?;
+    let checked = tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        for p in to_hash {
+            let Some(want) = integrity::etag_md5(Some(&p.etag)) else {
+                continue;
+            };
+            let (offset, len) = part_range(size, part_size, p.number);
+            let data = read_part(&file, offset, len)?;
+            let h = hash_part(p.number, data, true);
+            let got = integrity::hex(&h.md5.expect("asked for"));
+            if got == want {
+                found.push((
+                    p.number,
+                    DonePart {
+                        etag: p.etag,
+                        size: p.size,
+                        crc64: h.crc64,
+                        md5: if md5 { got } else { String::new() },
+                    },
+                ));
+            }
+        }
+        Ok::<_, Error>(found)
+    })
+    .await
+    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    out.extend(checked);
+    Ok(out)
+}
+
+/// The ETag S3 gives a multipart object: MD5 of the parts' MD5s, `-` and the count.
+fn multipart_etag(parts: &BTreeMap<u32, DonePart>) -> Option<String> {
+    let mut h = Md5::new();
+    for p in parts.values() {
+        if p.md5.len() != 32 {
+            return None;
+        }
+        let raw: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&p.md5[2 * i..2 * i + 2], 16))
+            .collect::<std::result::Result<_, _>>()
+            .ok()?;
+        h.update(raw);
+    }
+    Some(format!("{}-{}", integrity::hex(&h.finalize()), parts.len()))
+}
+
+/// The part's bytes as 256 KiB chunks, each paid to the store's limiters as it goes out.
+fn paced(
+    store: &Store,
+    data: Bytes,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    const CHUNK: usize = 256 * 1024;
+    let limiters: Vec<_> = store.limiters().to_vec();
+    let chunks: Vec<Bytes> = (0..data.len())
+        .step_by(CHUNK)
+        .map(|at| data.slice(at..(at + CHUNK).min(data.len())))
+        .collect();
+    futures::stream::iter(chunks).then(move |c| {
+        let limiters = limiters.clone();
+        async move {
+            for l in &limiters {
+                l.acquire(c.len() as u64).await;
+            }
+            Ok(c)
+        }
+    })
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.pow(attempt.min(6));
+    let jitter = Duration::from_millis(fastrand::u64(0..100));
+    base.min(Duration::from_secs(5)) + jitter
+}
+
+fn joined(
+    r: std::result::Result<Result<(u32, DonePart)>, tokio::task::JoinError>,
+) -> Result<(u32, DonePart)> {
+    r.map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+fn io_at(path: &Path, e: std::io::Error) -> Error {
+    Error::Io(std::io::Error::new(
+        e.kind(),
+        format!("{}: {e}", path.display()),
+    ))
+}
+
+/// Every regular file under `dir` as (path relative to `dir` with `/`, size), sorted.
+/// Symbolic links are not followed (what a link points to is not the tree's).
+pub fn walk_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        for e in std::fs::read_dir(&abs)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                stack.push((e.path(), rel));
+            } else if ty.is_file() {
+                out.push((rel, e.metadata()?.len()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_fit_ten_thousand_parts() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(part_size_for(16 * MIB, 1 << 30), 16 * MIB);
+        let five_tib = 5u64 << 40;
+        let p = part_size_for(16 * MIB, five_tib);
+        assert!(five_tib.div_ceil(p) <= 10_000, "{p}");
+        assert_eq!(p % MIB, 0);
+        assert_eq!(part_size_for(1, 10), multipart::MIN_PART);
+        assert_eq!(stream_part_size(8 * MIB, 1000), 8 * MIB);
+        assert_eq!(stream_part_size(8 * MIB, 1001), 16 * MIB);
+        let total: u64 = (1..=10_000).map(|n| stream_part_size(8 * MIB, n)).sum();
+        assert!(
+            total > 5 * (1u64 << 40),
+            "a stream may reach 5 TiB: {total}"
+        );
+    }
+
+    #[test]
+    fn parts_tile_the_object() {
+        assert_eq!(part_range(10, 4, 1), (0, 4));
+        assert_eq!(part_range(10, 4, 3), (8, 2));
+    }
+
+    #[test]
+    fn the_multipart_etag_is_the_md5_of_the_part_md5s() {
+        let part = |d: &[u8]| DonePart {
+            etag: String::new(),
+            size: d.len() as u64,
+            crc64: 0,
+            md5: integrity::hex(&Md5::digest(d)),
+        };
+        let mut parts = BTreeMap::new();
+        parts.insert(1, part(b"a"));
+        parts.insert(2, part(b"b"));
+        let mut h = Md5::new();
+        h.update(Md5::digest(b"a"));
+        h.update(Md5::digest(b"b"));
+        assert_eq!(
+            multipart_etag(&parts),
+            Some(format!("{}-2", integrity::hex(&h.finalize())))
+        );
+    }
+}
