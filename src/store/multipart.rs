@@ -246,14 +246,10 @@ impl Client {
         url: String,
         headers: &[(&str, String)],
         body: reqwest::Body,
-        content_length: Option<u64>,
     ) -> Result<reqwest::Response> {
         let mut builder = Request::builder().method(method).uri(&url);
         for (k, v) in headers {
             builder = builder.header(*k, v);
-        }
-        if let Some(n) = content_length {
-            builder = builder.header(http::header::CONTENT_LENGTH, n);
         }
         let (mut parts, ()) = builder
             .body(())
@@ -294,9 +290,8 @@ impl Client {
                 key,
                 Method::POST,
                 url,
-                &[],
+                &[("content-length", "0".into())],
                 Bytes::new().into(),
-                Some(0),
             )
             .await?;
         #[derive(Deserialize)]
@@ -318,7 +313,7 @@ impl Client {
     ) -> Result<PartReceipt> {
         let n = number.to_string();
         let url = self.url(key, &[("partNumber", &n), ("uploadId", upload_id)]);
-        let mut headers = Vec::new();
+        let mut headers = vec![("content-length", part.len.to_string())];
         if let Some(md5) = part.content_md5 {
             headers.push(("content-md5", md5));
         }
@@ -330,7 +325,6 @@ impl Client {
                 url,
                 &headers,
                 reqwest::Body::wrap_stream(part.stream),
-                Some(part.len),
             )
             .await?;
         let etag = resp
@@ -376,15 +370,7 @@ impl Client {
             }
             let url = self.url(key, &q);
             let resp = self
-                .send(
-                    "ListParts",
-                    key,
-                    Method::GET,
-                    url,
-                    &[],
-                    Bytes::new().into(),
-                    None,
-                )
+                .send("ListParts", key, Method::GET, url, &[], Bytes::new().into())
                 .await?;
             let page: Page = parse("ListParts", key, &body(resp).await?)?;
             out.extend(page.part.into_iter().map(|p| ListedPart {
@@ -449,7 +435,6 @@ impl Client {
                     url,
                     &[],
                     Bytes::new().into(),
-                    None,
                 )
                 .await?;
             let page: Page = parse("ListMultipartUploads", prefix, &body(resp).await?)?;
@@ -509,9 +494,11 @@ impl Client {
                 key,
                 Method::POST,
                 url,
-                &[("content-type", "application/xml".into())],
+                &[
+                    ("content-type", "application/xml".into()),
+                    ("content-length", len.to_string()),
+                ],
                 xml.into(),
-                Some(len),
             )
             .await?;
         // S3 may answer 200 and put the error in the body.
@@ -545,7 +532,6 @@ impl Client {
                 url,
                 &[],
                 Bytes::new().into(),
-                None,
             )
             .await
         {

@@ -756,8 +756,7 @@ pub fn part_size_for(part_size: u64, size: u64) -> u64 {
     let needed = size.div_ceil(multipart::MAX_PARTS).div_ceil(MIB) * MIB;
     part_size
         .max(needed)
-        .max(multipart::MIN_PART)
-        .min(multipart::MAX_SINGLE_PUT)
+        .clamp(multipart::MIN_PART, multipart::MAX_SINGLE_PUT)
 }
 
 /// Part `number`'s size in a stream: `base` for the first 1,000, doubling each 1,000 after.
