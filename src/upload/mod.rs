@@ -124,8 +124,20 @@ struct PartData {
 impl Uploader {
     pub fn new(store: Store, opts: UploadOptions) -> Self {
         let kib = (opts.memory / 1024).clamp(1, u32::MAX as u64 / 2) as usize;
+        // Under a cap, parts in flight beyond what the cap moves in about a second only
+        // share it: each would finish later, and an interrupted upload would have fewer
+        // whole parts to resume from.
+        let rate = store
+            .limiters()
+            .iter()
+            .filter_map(|l| l.bytes_per_sec())
+            .min();
+        let jobs = match rate {
+            Some(r) => opts.jobs.min((r / opts.part_size.max(1)) as usize + 2),
+            None => opts.jobs,
+        };
         Uploader {
-            slots: Arc::new(Semaphore::new(opts.jobs.max(1))),
+            slots: Arc::new(Semaphore::new(jobs.max(1))),
             memory: Arc::new(Semaphore::new(kib)),
             stats: Arc::new(UploadStats::default()),
             progress: None,

@@ -19,6 +19,19 @@ pub struct Faults {
     pub corrupt_rate: f64,
 }
 
+/// Faults of UploadPart (independent of the read faults above).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartFaults {
+    /// The part is received, then answered 503 SlowDown or 500 InternalError (50/50).
+    pub error_rate: f64,
+    /// One byte of the part is flipped on the way in (a Content-MD5 catches it as
+    /// BadDigest; without one, the part is stored and its ETag and CRC-64 are of the
+    /// damaged bytes).
+    pub corrupt_rate: f64,
+    /// The connection is dropped half-way through the part's body.
+    pub reset_rate: f64,
+}
+
 /// Counter snapshot returned by [`crate::Emulator::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -42,6 +55,10 @@ pub struct Stats {
     pub injected_resets: u64,
     /// GET bodies with a flipped byte.
     pub injected_corruptions: u64,
+    /// Body bytes received by PutObject and UploadPart (refused ones included).
+    pub put_bytes: u64,
+    /// UploadPart requests answered with an injected fault (error, corruption, reset).
+    pub injected_part_faults: u64,
 }
 
 #[derive(Default)]
@@ -56,6 +73,8 @@ pub struct Counters {
     pub injected_errors: AtomicU64,
     pub injected_resets: AtomicU64,
     pub injected_corruptions: AtomicU64,
+    pub put_bytes: AtomicU64,
+    pub injected_part_faults: AtomicU64,
 }
 
 impl Counters {
@@ -71,6 +90,8 @@ impl Counters {
             injected_errors: self.injected_errors.load(Relaxed),
             injected_resets: self.injected_resets.load(Relaxed),
             injected_corruptions: self.injected_corruptions.load(Relaxed),
+            put_bytes: self.put_bytes.load(Relaxed),
+            injected_part_faults: self.injected_part_faults.load(Relaxed),
         }
     }
 
@@ -86,6 +107,8 @@ impl Counters {
             &self.injected_errors,
             &self.injected_resets,
             &self.injected_corruptions,
+            &self.put_bytes,
+            &self.injected_part_faults,
         ] {
             c.store(0, Relaxed);
         }
@@ -152,6 +175,10 @@ pub struct Knobs {
     corrupt_keys: RwLock<HashSet<(String, String)>>,
     public_read: AtomicBool,
     declare_crc64: AtomicBool,
+    max_single_put: AtomicU64,
+    part_faults: RwLock<PartFaults>,
+    corrupt_next_parts: AtomicU64,
+    fail_next_parts: AtomicU64,
 }
 
 impl Knobs {
@@ -167,6 +194,10 @@ impl Knobs {
             corrupt_keys: RwLock::new(HashSet::new()),
             public_read: AtomicBool::new(false),
             declare_crc64: AtomicBool::new(true),
+            max_single_put: AtomicU64::new(5 << 30),
+            part_faults: RwLock::new(PartFaults::default()),
+            corrupt_next_parts: AtomicU64::new(0),
+            fail_next_parts: AtomicU64::new(0),
         };
         k.set_latency(latency);
         k.set_bandwidth(bandwidth);
@@ -255,6 +286,48 @@ impl Knobs {
 
     pub fn set_declare_crc64(&self, on: bool) {
         self.declare_crc64.store(on, Relaxed);
+    }
+
+    /// Largest PutObject body accepted (S3 and OSS: 5 GiB); above it, EntityTooLarge.
+    pub fn max_single_put(&self) -> u64 {
+        self.max_single_put.load(Relaxed)
+    }
+
+    pub fn set_max_single_put(&self, bytes: u64) {
+        self.max_single_put.store(bytes, Relaxed);
+    }
+
+    pub fn part_faults(&self) -> PartFaults {
+        *self.part_faults.read().unwrap()
+    }
+
+    pub fn set_part_faults(&self, f: PartFaults) {
+        let clamp = |x: f64| if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
+        *self.part_faults.write().unwrap() = PartFaults {
+            error_rate: clamp(f.error_rate),
+            corrupt_rate: clamp(f.corrupt_rate),
+            reset_rate: clamp(f.reset_rate),
+        };
+    }
+
+    pub fn add_corrupt_next_parts(&self, n: u64) {
+        self.corrupt_next_parts.fetch_add(n, Relaxed);
+    }
+
+    pub fn add_fail_next_parts(&self, n: u64) {
+        self.fail_next_parts.fetch_add(n, Relaxed);
+    }
+
+    pub fn take_corrupt_part(&self) -> bool {
+        self.corrupt_next_parts
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    pub fn take_failed_part(&self) -> bool {
+        self.fail_next_parts
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     pub fn is_corrupt_key(&self, bucket: &str, key: &str) -> bool {

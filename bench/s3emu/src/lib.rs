@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-pub use crate::emulation::{Faults, Stats};
+pub use crate::emulation::{Faults, PartFaults, Stats};
 pub use crate::store::MIN_PART_SIZE;
 
 use crate::emulation::Knobs;
@@ -55,6 +55,9 @@ pub struct Config {
     pub per_connection_bandwidth: Option<u64>,
     /// Seed of the RNG that drives probabilistic faults. Default 0.
     pub seed: u64,
+    /// Keep parts and objects of 4 MiB or more in memory-mapped files here instead of
+    /// the heap (objects over 5 GiB without 5 GiB of RAM). Default `None`.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             first_byte_latency: Duration::ZERO,
             per_connection_bandwidth: None,
             seed: 0,
+            spill_dir: None,
         }
     }
 }
@@ -94,6 +98,7 @@ impl Emulator {
 
         let knobs = Knobs::new(cfg.first_byte_latency, cfg.per_connection_bandwidth);
         let shared = Arc::new(Shared::new(knobs, cfg.seed, cfg.region.clone(), endpoint));
+        shared.store.set_spill_dir(cfg.spill_dir.clone());
         let service = server::build_service(Arc::clone(&shared), &cfg.access_key, &cfg.secret_key);
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -262,6 +267,34 @@ impl Emulator {
     }
 
     /// Stop serving and join the server thread (same as dropping).
+    /// Largest PutObject accepted (default 5 GiB, as S3 and OSS); above it EntityTooLarge.
+    pub fn set_max_single_put(&self, bytes: u64) {
+        self.shared.knobs.set_max_single_put(bytes);
+    }
+
+    pub fn set_part_faults(&self, f: PartFaults) {
+        self.shared.knobs.set_part_faults(f);
+    }
+
+    /// The next `n` UploadParts get one byte flipped on the way in.
+    pub fn corrupt_next_parts(&self, n: u64) {
+        self.shared.knobs.add_corrupt_next_parts(n);
+    }
+
+    /// The next `n` UploadParts are answered 5xx after their body is received.
+    pub fn fail_next_parts(&self, n: u64) {
+        self.shared.knobs.add_fail_next_parts(n);
+    }
+
+    /// Open multipart uploads of `bucket` as (key, upload id).
+    pub fn open_uploads(&self, bucket: &str) -> Vec<(String, String)> {
+        self.shared
+            .store
+            .list_uploads(bucket, "")
+            .map(|v| v.into_iter().map(|u| (u.key, u.upload_id)).collect())
+            .unwrap_or_default()
+    }
+
     pub fn shutdown(self) {
         drop(self);
     }

@@ -51,6 +51,13 @@ struct Args {
     /// Leave out `x-oss-hash-crc64ecma` (answer as S3 does, not as OSS).
     #[arg(long)]
     no_crc64: bool,
+    /// Keep parts and objects of 4 MiB or more in memory-mapped files in this directory
+    /// (for objects larger than the RAM one wants to give the emulator).
+    #[arg(long, value_name = "DIR")]
+    spill_dir: Option<std::path::PathBuf>,
+    /// Probability that an UploadPart is answered 5xx after its body arrived.
+    #[arg(long, default_value_t = 0.0)]
+    part_error_rate: f64,
     /// Bucket to create at start (repeatable).
     #[arg(long = "bucket", value_name = "NAME")]
     buckets: Vec<String>,
@@ -66,7 +73,7 @@ fn parse_latency(s: &str) -> Result<Duration, String> {
 
 fn stats_line(s: &Stats) -> String {
     format!(
-        "s3emu stats: requests={} gets={} heads={} lists={} puts={} get_bytes={} injected_errors={} injected_resets={} injected_corruptions={}",
+        "s3emu stats: requests={} gets={} heads={} lists={} puts={} get_bytes={} injected_errors={} injected_resets={} injected_corruptions={} put_bytes={} injected_part_faults={}",
         s.requests,
         s.gets,
         s.heads,
@@ -75,7 +82,9 @@ fn stats_line(s: &Stats) -> String {
         s.get_bytes,
         s.injected_errors,
         s.injected_resets,
-        s.injected_corruptions
+        s.injected_corruptions,
+        s.put_bytes,
+        s.injected_part_faults
     )
 }
 
@@ -120,7 +129,12 @@ fn main() -> anyhow::Result<()> {
         first_byte_latency: args.latency,
         per_connection_bandwidth: bandwidth,
         seed: args.seed,
+        spill_dir: args.spill_dir,
     })?;
+    emu.set_part_faults(s3emu::PartFaults {
+        error_rate: args.part_error_rate,
+        ..Default::default()
+    });
     emu.set_public_read(args.public_read);
     emu.set_declare_crc64(!args.no_crc64);
     emu.set_faults(Faults {

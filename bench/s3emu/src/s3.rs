@@ -441,7 +441,22 @@ impl S3 for Emu {
         let s = self.s();
         Counters::add(&s.counters.puts, 1);
         let mut input = req.input;
+        let max = s.knobs.max_single_put();
+        let too_large = || {
+            custom_error(
+                "EntityTooLarge",
+                StatusCode::BAD_REQUEST,
+                "Your proposed upload exceeds the maximum allowed object size.",
+            )
+        };
+        if input.content_length.is_some_and(|n| n as u64 > max) {
+            return Err(too_large());
+        }
         let data = receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
+        Counters::add(&s.counters.put_bytes, data.len() as u64);
+        if data.len() as u64 > max {
+            return Err(too_large());
+        }
         let md5 = store::md5_of(&data);
         check_content_md5(input.content_md5.as_deref(), &md5)?;
         let obj = Object::with_md5(data, md5, input.content_type, input.metadata);
@@ -776,21 +791,67 @@ impl S3 for Emu {
         let s = self.s();
         Counters::add(&s.counters.puts, 1);
         let mut input = req.input;
-        let data = receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
+        let faults = s.knobs.part_faults();
+        if s.rng.chance(faults.reset_rate) {
+            // Take part of the body, then give up on the request: the client's upload of
+            // the part breaks off half-way.
+            Counters::add(&s.counters.injected_part_faults, 1);
+            if let Some(mut body) = input.body.take() {
+                let half = input.content_length.unwrap_or(0) as u64 / 2;
+                let mut got = 0u64;
+                while got < half {
+                    match body.next().await {
+                        Some(Ok(c)) => got += c.len() as u64,
+                        _ => break,
+                    }
+                }
+                Counters::add(&s.counters.put_bytes, got);
+            }
+            return Err(s3_error!(
+                InternalError,
+                "We encountered an internal error. Please try again. (connection reset)"
+            ));
+        }
+        let mut data =
+            receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
+        Counters::add(&s.counters.put_bytes, data.len() as u64);
+        if !data.is_empty() && (s.knobs.take_corrupt_part() || s.rng.chance(faults.corrupt_rate)) {
+            Counters::add(&s.counters.injected_part_faults, 1);
+            let mut damaged = BytesMut::from(&data[..]);
+            let at = damaged.len() / 2;
+            damaged[at] ^= 0x55;
+            data = damaged.freeze();
+        }
+        if s.knobs.take_failed_part() || s.rng.chance(faults.error_rate) {
+            Counters::add(&s.counters.injected_part_faults, 1);
+            return Err(if s.rng.next_u64() & 1 == 0 {
+                s3_error!(SlowDown, "Please reduce your request rate.")
+            } else {
+                s3_error!(
+                    InternalError,
+                    "We encountered an internal error. Please try again."
+                )
+            });
+        }
         if input.content_md5.is_some() {
             check_content_md5(input.content_md5.as_deref(), &store::md5_of(&data))?;
         }
-        let etag = s.store.upload_part(
+        let (etag, crc64) = s.store.upload_part(
             &input.upload_id,
             &input.bucket,
             &input.key,
             input.part_number,
             data,
         )?;
-        Ok(S3Response::new(UploadPartOutput {
+        let mut resp = S3Response::new(UploadPartOutput {
             e_tag: Some(etag_dto(&etag)),
             ..Default::default()
-        }))
+        });
+        if s.knobs.declare_crc64() {
+            resp.headers
+                .insert(CRC64_HEADER, http::HeaderValue::from(crc64));
+        }
+        Ok(resp)
     }
 
     async fn complete_multipart_upload(
@@ -832,6 +893,55 @@ impl S3 for Emu {
             .store
             .abort_upload(&input.upload_id, &input.bucket, &input.key)?;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let all = self.s().store.list_uploads(&input.bucket, &prefix)?;
+        let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
+        let key_marker = input.key_marker.clone().unwrap_or_default();
+        let id_marker = input.upload_id_marker.clone().unwrap_or_default();
+        let mut after: Vec<_> = all
+            .into_iter()
+            .filter(|u| {
+                key_marker.is_empty()
+                    || u.key > key_marker
+                    || (u.key == key_marker && !id_marker.is_empty() && u.upload_id > id_marker)
+            })
+            .collect();
+        let truncated = after.len() > max;
+        after.truncate(max);
+        let (next_key, next_id) = match after.last() {
+            Some(u) if truncated => (Some(u.key.clone()), Some(u.upload_id.clone())),
+            _ => (None, None),
+        };
+        let uploads = after
+            .into_iter()
+            .map(|u| MultipartUpload {
+                key: Some(u.key),
+                upload_id: Some(u.upload_id),
+                initiated: Some(ts(u.initiated)),
+                owner: Some(owner()),
+                storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
+            max_uploads: Some(max as i32),
+            is_truncated: Some(truncated),
+            next_key_marker: next_key,
+            next_upload_id_marker: next_id,
+            uploads: Some(uploads),
+            ..Default::default()
+        }))
     }
 
     async fn list_parts(

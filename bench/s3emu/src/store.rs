@@ -154,6 +154,20 @@ pub struct ListPage {
 pub struct Store {
     buckets: RwLock<HashMap<String, Bucket>>,
     uploads: Mutex<HashMap<String, Upload>>,
+    /// Where parts and assembled objects of at least [`SPILL_AT`] bytes are kept (unlinked
+    /// files, memory-mapped) instead of the heap: a 6 GiB object then costs page cache,
+    /// not 12 GiB of RAM.
+    spill_dir: RwLock<Option<std::path::PathBuf>>,
+}
+
+/// Smallest buffer moved to a spill file.
+pub const SPILL_AT: usize = 4 * 1024 * 1024;
+
+/// One open multipart upload, for ListMultipartUploads.
+pub struct UploadInfo {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: OffsetDateTime,
 }
 
 /// CRC-64/XZ, the ECMA-182 polynomial as OSS and COS compute it.
@@ -254,7 +268,8 @@ impl Store {
     }
 
     /// Insert (or replace) an object. Fails with NoSuchBucket if the bucket is missing.
-    pub fn put(&self, bucket: &str, key: &str, obj: Object) -> S3Result<Arc<Object>> {
+    pub fn put(&self, bucket: &str, key: &str, mut obj: Object) -> S3Result<Arc<Object>> {
+        obj.data = self.spill(obj.data);
         let obj = Arc::new(obj);
         let mut buckets = self.buckets.write().unwrap();
         let b = buckets
@@ -272,6 +287,8 @@ impl Store {
         obj: Object,
         check: impl FnOnce(Option<&Object>) -> S3Result<()>,
     ) -> S3Result<Arc<Object>> {
+        let mut obj = obj;
+        obj.data = self.spill(obj.data);
         let obj = Arc::new(obj);
         let mut buckets = self.buckets.write().unwrap();
         let b = buckets
@@ -403,6 +420,43 @@ impl Store {
         Ok(page)
     }
 
+    /// Keep large parts and objects in files under `dir` from now on.
+    pub fn set_spill_dir(&self, dir: Option<std::path::PathBuf>) {
+        *self.spill_dir.write().unwrap() = dir;
+    }
+
+    /// `data` moved to a memory-mapped spill file when spilling is on and it is large.
+    fn spill(&self, data: Bytes) -> Bytes {
+        let dir = self.spill_dir.read().unwrap().clone();
+        match dir {
+            Some(d) if data.len() >= SPILL_AT => {
+                spill_chunks(&d, data.len(), std::iter::once(&data[..])).unwrap_or(data)
+            }
+            _ => data,
+        }
+    }
+
+    /// Open uploads of keys starting with `prefix`, by key then initiation time.
+    pub fn list_uploads(&self, bucket: &str, prefix: &str) -> S3Result<Vec<UploadInfo>> {
+        if !self.bucket_exists(bucket) {
+            return Err(s3_error!(NoSuchBucket));
+        }
+        let uploads = self.uploads.lock().unwrap();
+        let mut out: Vec<UploadInfo> = uploads
+            .iter()
+            .filter(|(_, u)| u.bucket == bucket && u.key.starts_with(prefix))
+            .map(|(id, u)| UploadInfo {
+                key: u.key.clone(),
+                upload_id: id.clone(),
+                initiated: u.initiated,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.key, a.initiated, &a.upload_id).cmp(&(&b.key, b.initiated, &b.upload_id))
+        });
+        Ok(out)
+    }
+
     pub fn create_upload(
         &self,
         upload_id: String,
@@ -443,7 +497,7 @@ impl Store {
         key: &str,
         part_number: i32,
         data: Bytes,
-    ) -> S3Result<String> {
+    ) -> S3Result<(String, u64)> {
         if !(1..=MAX_PART_NUMBER).contains(&part_number) {
             return Err(s3_error!(
                 InvalidArgument,
@@ -451,6 +505,8 @@ impl Store {
             ));
         }
         let md5 = md5_of(&data);
+        let crc = crc64_of(&data);
+        let data = self.spill(data);
         let mut uploads = self.uploads.lock().unwrap();
         let up = uploads
             .get_mut(upload_id)
@@ -464,7 +520,7 @@ impl Store {
                 last_modified: now(),
             },
         );
-        Ok(quote(&hex::encode(md5)))
+        Ok((quote(&hex::encode(md5)), crc))
     }
 
     pub fn list_parts(
@@ -548,7 +604,17 @@ impl Store {
             }
         }
 
-        let data = if chosen.len() == 1 {
+        let total: usize = chosen.iter().map(|p| p.data.len()).sum();
+        let spill_dir = self.spill_dir.read().unwrap().clone();
+        let spilled = match spill_dir {
+            Some(d) if total >= SPILL_AT && chosen.len() > 1 => {
+                spill_chunks(&d, total, chosen.iter().map(|p| &p.data[..]))
+            }
+            _ => None,
+        };
+        let data = if let Some(d) = spilled {
+            d
+        } else if chosen.len() == 1 {
             chosen[0].data.clone()
         } else {
             let total = chosen.iter().map(|p| p.data.len()).sum();
@@ -576,6 +642,26 @@ impl Store {
         uploads.remove(upload_id);
         Ok(obj)
     }
+}
+
+/// `chunks` (`total` bytes) written to an unlinked file in `dir` and mapped back.
+fn spill_chunks<'a>(
+    dir: &std::path::Path,
+    total: usize,
+    chunks: impl Iterator<Item = &'a [u8]>,
+) -> Option<Bytes> {
+    use std::io::Write;
+    let file = tempfile::tempfile_in(dir).ok()?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    for c in chunks {
+        w.write_all(c).ok()?;
+    }
+    w.flush().ok()?;
+    drop(w);
+    // SAFETY: the file is unlinked and private to this process; nothing else maps or
+    // writes it, so the mapping's bytes cannot change under the `Bytes`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    (map.len() == total).then(|| Bytes::from_owner(map))
 }
 
 fn invalid_part(n: i32) -> s3s::S3Error {
@@ -708,13 +794,15 @@ mod tests {
         let s = store_with(&[]);
         s.create_upload("u".into(), "b", "k", None, None).unwrap();
         let big = Bytes::from(vec![1u8; MIN_PART_SIZE]);
-        let e1 = s.upload_part("u", "b", "k", 1, big.clone()).unwrap();
-        let e2 = s
+        let e1 = s.upload_part("u", "b", "k", 1, big.clone()).unwrap().0;
+        let (e2, c2) = s
             .upload_part("u", "b", "k", 2, Bytes::from_static(b"tail"))
             .unwrap();
+        assert_eq!(c2, crc64_of(b"tail"));
         let e3 = s
             .upload_part("u", "b", "k", 3, Bytes::from_static(b"small"))
-            .unwrap();
+            .unwrap()
+            .0;
         // small non-final part
         let err = s
             .complete_upload(
