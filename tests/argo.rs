@@ -622,18 +622,20 @@ fn deleting_a_prefix_of_2500_objects_takes_three_requests() {
     assert_eq!(emu.keys(BUCKET), ["gc/dirx"]);
 }
 
-/// OpenStream of 1 GiB to a consumer slower than the store: the plugin holds its read-ahead
+/// OpenStream of 2 GiB to a consumer slower than the store: the plugin holds its read-ahead
 /// window and a few frames, never the object, and writes nothing to disk.
 #[test]
 fn open_stream_to_a_slow_consumer_stays_within_its_window() {
-    let emu = emulator();
-    let size = 1024 * MIB;
+    let spill = tempfile::tempdir().unwrap();
+    let emu = emulator_spilling(spill.path());
+    let size = 2048 * MIB;
     emu.put_object(BUCKET, "big/obj", bytes::Bytes::from(pattern(5, 0, size)));
     let plugin = Plugin::start();
     let pid = plugin.child.id();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut c = client(&rt, &plugin.socket);
     let baseline = proc_status_kib(pid, "VmHWM:") / 1024;
+    let fds_before = open_files(pid);
     let mut stream = rt
         .block_on(c.open_stream(OpenStreamRequest {
             artifact: artifact(&config(&emu), "big/obj"),
@@ -641,6 +643,7 @@ fn open_stream_to_a_slow_consumer_stays_within_its_window() {
         .unwrap()
         .into_inner();
     let (mut got, mut bad, mut frames) = (0usize, 0usize, 0u64);
+    let mut files_during = Vec::new();
     let start = Instant::now();
     while let Some(frame) = rt.block_on(stream.message()).unwrap() {
         assert!(frame.error.is_empty(), "{}", frame.error);
@@ -652,14 +655,247 @@ fn open_stream_to_a_slow_consumer_stays_within_its_window() {
         if frames % 16 == 0 {
             std::thread::sleep(Duration::from_millis(20)); // a slow client
         }
+        if frames % 256 == 0 {
+            files_during.extend(open_files(pid).difference(&fds_before).cloned());
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     let peak = proc_status_kib(pid, "VmHWM:") / 1024;
     eprintln!(
-        "MEASURED OpenStream of 1 GiB to a slow consumer: {:.0} MiB/s, plugin peak RSS {peak} MiB (baseline {baseline} MiB)",
+        "MEASURED OpenStream of 2 GiB to a slow consumer: {:.0} MiB/s, plugin peak RSS {peak} MiB (baseline {baseline} MiB)",
         size as f64 / MIB as f64 / secs
     );
     assert_eq!((got, bad), (size, 0));
+    assert!(
+        files_during.is_empty(),
+        "files opened while streaming: {files_during:?}"
+    );
     // Read-ahead 4 x 8 MiB + 2 frames + HTTP/2 buffers, over a baseline of the runtime.
     assert!(peak < baseline + 96, "peak RSS {peak} MiB");
+}
+
+/// The regular files a process has open (sockets, pipes and anonymous inodes left out).
+fn open_files(pid: u32) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
+                .filter(|p| p.starts_with('/') && !p.starts_with("/dev/"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A file of `size` bytes that is mostly holes (cheap to make and to read), with pattern
+/// data every `stride` bytes so that every part differs.
+fn sparse_file(path: &Path, size: u64, stride: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut at = 0;
+    while at < size {
+        let n = (MIB as u64).min(size - at) as usize;
+        f.write_all_at(&pattern(at, at, n), at).unwrap();
+        at += stride;
+    }
+}
+
+fn crc64_of_file(path: &Path) -> u64 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut d = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Xz);
+    let mut buf = vec![0u8; 8 * MIB];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return d.finalize();
+        }
+        d.update(&buf[..n]);
+    }
+}
+
+/// A Save of a file over 5 GiB (which S3 and OSS refuse as one PUT) is a multipart upload
+/// whose object has the source's CRC-64; nothing stays open.
+#[test]
+fn a_save_over_5_gib_is_a_checked_multipart_upload() {
+    let spill = tempfile::tempdir().unwrap();
+    let emu = emulator_spilling(spill.path());
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.bin");
+    let size = (5u64 << 30) + 3 * MIB as u64;
+    sparse_file(&src, size, 64 * MIB as u64);
+    let want = crc64_of_file(&src);
+    let plugin = Plugin::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let cfg = format!(
+        "bucket: {BUCKET}\nprotocol: s3\nendpoint: {}\npartSize: 64MiB\njobs: 8\nstateDir: {}\n",
+        emu.endpoint(),
+        dir.path().join("state").display()
+    );
+    let start = Instant::now();
+    let r = save(&rt, &mut c, &cfg, "out/big.bin", src.display().to_string());
+    let secs = start.elapsed().as_secs_f64();
+    assert!(r.success, "{} {}", r.error, plugin.log());
+    let obj = emu.object(BUCKET, "out/big.bin").expect("stored");
+    assert_eq!(obj.len() as u64, size);
+    let got = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Xz, &obj);
+    assert_eq!(got, want, "stored CRC-64");
+    assert!(emu.open_uploads(BUCKET).is_empty());
+    let st = emu.stats();
+    eprintln!(
+        "MEASURED Save of a {:.2} GiB file: {secs:.1} s ({:.0} MiB/s), {} UploadParts, {} bytes received",
+        size as f64 / (1u64 << 30) as f64,
+        size as f64 / MIB as f64 / secs,
+        st.puts,
+        st.put_bytes
+    );
+    assert_eq!(st.put_bytes, size, "every byte sent once");
+}
+
+/// kill -9 of the plugin in the middle of a Save; the restarted plugin confirms the parts
+/// already stored (ListParts) and sends only the rest; the object is the file; no upload
+/// is left open.
+#[test]
+fn a_save_interrupted_by_kill_9_resumes_and_leaves_no_upload_open() {
+    let emu = emulator();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("data.bin");
+    let size = 160 * MIB;
+    std::fs::write(&src, pattern(21, 0, size)).unwrap();
+    let cfg = format!(
+        "bucket: {BUCKET}\nprotocol: s3\nendpoint: {}\npartSize: 8MiB\njobs: 4\nthroughput: 40\nstateDir: {}\n",
+        emu.endpoint(),
+        dir.path().join("state").display()
+    );
+    let mut plugin = Plugin::start();
+    let socket = plugin.socket.clone();
+    let (cfg2, src2) = (cfg.clone(), src.display().to_string());
+    // The Save runs in a thread of its own; it fails when the plugin dies.
+    let first = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut c = client(&rt, &socket);
+        rt.block_on(c.save(SaveArtifactRequest {
+            path: src2,
+            output_artifact: artifact(&cfg2, "out/data.bin"),
+        }))
+        .map(|r| r.into_inner().success)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while emu.stats().put_bytes < 3 * 8 * MIB as u64 {
+        assert!(Instant::now() < deadline, "no parts: {}", plugin.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    plugin.child.kill().unwrap(); // SIGKILL
+    plugin.child.wait().unwrap();
+    let sent_before = emu.stats().put_bytes;
+    assert!(
+        !matches!(first.join().unwrap(), Ok(true)),
+        "the first Save cannot have succeeded"
+    );
+    assert!(sent_before < size as u64, "{sent_before}");
+    assert_eq!(emu.open_uploads(BUCKET).len(), 1);
+
+    let plugin = Plugin::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let r = save(&rt, &mut c, &cfg, "out/data.bin", src.display().to_string());
+    assert!(r.success, "{} {}", r.error, plugin.log());
+    let sent_after = emu.stats().put_bytes - sent_before;
+    eprintln!(
+        "MEASURED kill -9 after {:.0} MiB stored; the resumed Save sent {:.0} MiB of {:.0}",
+        sent_before as f64 / MIB as f64,
+        sent_after as f64 / MIB as f64,
+        size as f64 / MIB as f64
+    );
+    assert!(sent_after < size as u64, "sent {sent_after} of {size}");
+    assert!(sent_after + sent_before <= size as u64 + 8 * MIB as u64);
+    assert_eq!(
+        emu.object(BUCKET, "out/data.bin").unwrap(),
+        pattern(21, 0, size)
+    );
+    assert!(
+        emu.open_uploads(BUCKET).is_empty(),
+        "{:?}",
+        emu.open_uploads(BUCKET)
+    );
+    assert!(
+        plugin.log().contains("resuming an upload"),
+        "{}",
+        plugin.log()
+    );
+}
+
+/// Parts damaged on the way (one flipped byte: the store's answer does not match what was
+/// sent), parts answered 5xx and parts broken off half-way are all sent again; the
+/// object is exact.
+#[test]
+fn damaged_and_failed_parts_are_sent_again() {
+    let emu = emulator();
+    emu.corrupt_next_parts(2);
+    emu.set_part_faults(s3emu::PartFaults {
+        error_rate: 0.05,
+        reset_rate: 0.02,
+        corrupt_rate: 0.0,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("data.bin");
+    let size = 200 * MIB;
+    std::fs::write(&src, pattern(22, 0, size)).unwrap();
+    let plugin = Plugin::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let r = save(
+        &rt,
+        &mut c,
+        &config(&emu),
+        "out/f.bin",
+        src.display().to_string(),
+    );
+    assert!(r.success, "{} {}", r.error, plugin.log());
+    let st = emu.stats();
+    eprintln!(
+        "MEASURED 40 parts with 2 damaged, 5% 5xx, 2% resets: {} faults injected, {} UploadParts",
+        st.injected_part_faults, st.puts
+    );
+    assert!(st.injected_part_faults >= 3, "{st:?}");
+    assert!(st.puts as usize >= 40 + 2);
+    assert_eq!(
+        emu.object(BUCKET, "out/f.bin").unwrap(),
+        pattern(22, 0, size)
+    );
+    assert!(emu.open_uploads(BUCKET).is_empty());
+    assert!(
+        plugin.log().contains("sending a part again"),
+        "{}",
+        plugin.log()
+    );
+}
+
+/// A SaveStream longer than a part is a multipart upload fed as the frames arrive.
+#[test]
+fn save_stream_of_many_parts_is_exact() {
+    let emu = emulator();
+    let plugin = Plugin::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let size = 37 * MIB + 123;
+    let data = pattern(23, 0, size);
+    let art = artifact(&config(&emu), "out/stream.bin");
+    let frames: Vec<SaveStreamArtifactRequest> = data
+        .chunks(MIB)
+        .enumerate()
+        .map(|(i, c)| SaveStreamArtifactRequest {
+            output_artifact: if i == 0 { art.clone() } else { None },
+            chunk: c.to_vec(),
+        })
+        .collect();
+    let r = rt
+        .block_on(c.save_stream(futures::stream::iter(frames)))
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{} {}", r.error, plugin.log());
+    assert_eq!(emu.object(BUCKET, "out/stream.bin").unwrap(), data);
+    assert!(emu.stats().puts >= 8, "{:?}", emu.stats());
+    assert!(emu.open_uploads(BUCKET).is_empty());
 }

@@ -9,8 +9,9 @@
 //! endpoint: oss-cn-hangzhou-internal.aliyuncs.com   # or region:
 //! region: cn-hangzhou
 //! throughput: 200            # MiB/s for this plugin's store traffic, 0 = unlimited
-//! partSize: 64MiB            # multipart part size (grown so a file needs ≤ 10,000 parts)
+//! partSize: 16MiB            # multipart part size (grown so a file needs ≤ 10,000 parts)
 //! jobs: 16                   # parts / ranges in flight
+//! stateDir: /tmp/fillfs-uploads   # upload checkpoints (resuming after a crash)
 //! secretDir: /etc/fillfs     # optional: a mounted Secret whose file names are the
 //!                            # credential variables (ALIBABA_CLOUD_ACCESS_KEY_ID, ...)
 //! ```
@@ -25,9 +26,6 @@ use serde::Deserialize;
 use crate::options;
 use crate::store::credentials::Credentials;
 use crate::store::{Scheme, SourceUrl, StoreConfig};
-
-/// Parts a multipart upload may have (S3 and OSS).
-pub const MAX_PARTS: u64 = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -47,6 +45,8 @@ struct Raw {
     jobs: Option<serde_yaml::Value>,
     #[serde(default)]
     secret_dir: Option<PathBuf>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
 }
 
 /// A parsed configuration.
@@ -57,6 +57,9 @@ pub struct PluginConfig {
     pub throughput_mib: f64,
     pub part_size: u64,
     pub jobs: usize,
+    /// Where upload checkpoints are kept (default: `$TMPDIR/fillfs-uploads`). Resuming
+    /// also works without them: the key's open uploads are found in the store.
+    pub state_dir: PathBuf,
 }
 
 impl PluginConfig {
@@ -100,8 +103,8 @@ impl PluginConfig {
             }
         };
         let part_size = match raw.part_size {
-            None => 64 * 1024 * 1024,
-            Some(s) => options::size_in(&s, "partSize", &UPLOAD_PART)?,
+            None => 16 * 1024 * 1024,
+            Some(s) => options::size_in(&s, "partSize", &options::UPLOAD_PART_SIZE)?,
         };
         let jobs = match raw.jobs {
             None => 16,
@@ -112,20 +115,23 @@ impl PluginConfig {
             throughput_mib,
             part_size,
             jobs,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("fillfs-uploads")),
         })
     }
 
-    /// The part size for an upload of `size` bytes: the configured one, grown (to a whole
-    /// MiB) so that no file needs more than [`MAX_PARTS`] parts.
-    pub fn part_size_for(&self, size: u64) -> u64 {
-        const MIB: u64 = 1024 * 1024;
-        let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
-        self.part_size.max(needed)
+    /// How the plugin's uploads run.
+    pub fn upload_options(&self) -> crate::upload::UploadOptions {
+        crate::upload::UploadOptions {
+            part_size: self.part_size,
+            jobs: self.jobs,
+            memory: (self.part_size * 2).max(256 * 1024 * 1024),
+            state_dir: Some(self.state_dir.clone()),
+            ..Default::default()
+        }
     }
 }
-
-/// A multipart part: S3 and OSS take 5 MiB to 5 GiB (the last may be smaller).
-const UPLOAD_PART: std::ops::RangeInclusive<u64> = 5 * 1024 * 1024..=5 * 1024 * 1024 * 1024;
 
 fn scalar(v: &serde_yaml::Value) -> String {
     match v {
@@ -180,11 +186,11 @@ mod tests {
     }
 
     #[test]
-    fn parts_grow_so_five_tib_fits_in_ten_thousand() {
-        let c = PluginConfig::parse("bucket: bkt\npartSize: 8MiB").unwrap();
-        assert_eq!(c.part_size_for(1 << 30), 8 << 20);
-        let five_tib = 5u64 << 40;
-        let p = c.part_size_for(five_tib);
-        assert!(five_tib.div_ceil(p) <= MAX_PARTS && p <= 5 << 30, "{p}");
+    fn upload_options_follow_the_configuration() {
+        let c = PluginConfig::parse("bucket: bkt\npartSize: 8MiB\njobs: 3\nstateDir: /s").unwrap();
+        let o = c.upload_options();
+        assert_eq!((o.part_size, o.jobs), (8 << 20, 3));
+        assert_eq!(o.state_dir.as_deref(), Some(std::path::Path::new("/s")));
+        assert!(PluginConfig::parse("bucket: bkt\npartSize: 1MiB").is_err());
     }
 }

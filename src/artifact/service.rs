@@ -24,8 +24,8 @@ use super::proto::*;
 use crate::error::{Error, Result};
 use crate::limit::RateLimiter;
 use crate::populate::{self, PopulateOptions, ProgressMode, TargetKind};
-use crate::store::objects::UploadShape;
 use crate::store::{SourceUrl, Store};
+use crate::upload::Uploader;
 
 /// Bytes in one OpenStream frame: well under the 4 MiB a gRPC client accepts by default.
 const FRAME: usize = 1024 * 1024;
@@ -39,6 +39,8 @@ const STREAM_RANGE: u64 = 8 * 1024 * 1024;
 struct Repo {
     config: PluginConfig,
     store: Store,
+    /// Every upload of this repository: one bound on parts in flight and memory.
+    uploader: Uploader,
 }
 
 /// The plugin: stores by configuration.
@@ -74,7 +76,12 @@ impl Driver {
             throughput_mib = config.throughput_mib,
             "artifact repository"
         );
-        let repo = Repo { config, store };
+        let uploader = Uploader::new(store.clone(), config.upload_options());
+        let repo = Repo {
+            config,
+            store,
+            uploader,
+        };
         repos.insert(plugin.configuration.clone(), repo.clone());
         Ok((repo, key))
     }
@@ -157,50 +164,21 @@ impl Driver {
         let err = |e: Error| format!("saving {} to {key}: {e}", path.display());
         let meta = std::fs::metadata(&path).map_err(|e| err(e.into()))?;
         if meta.is_dir() {
-            let files = walk_files(&path).map_err(|e| err(e.into()))?;
-            let prefix = dir_prefix(&key);
-            let jobs = repo.config.jobs;
-            let results: Vec<Result<u64>> = futures::stream::iter(files)
-                .map(|(rel, size)| {
-                    let (repo, path, key) =
-                        (repo.clone(), path.join(&rel), format!("{prefix}{rel}"));
-                    async move {
-                        let shape = UploadShape {
-                            part_size: repo.config.part_size_for(size),
-                            concurrent: 2,
-                        };
-                        repo.store
-                            .upload_file(&path, &key, shape)
-                            .await
-                            .map(|u| u.bytes)
-                    }
-                })
-                .buffer_unordered(jobs)
-                .collect()
-                .await;
-            let count = results.len();
-            let bytes: u64 = results
-                .into_iter()
-                .collect::<Result<Vec<_>>>()
-                .map_err(err)?
-                .iter()
-                .sum();
-            tracing::info!(key, files = count, bytes, "saved a directory");
+            let (files, bytes) = repo
+                .uploader
+                .tree(&path, &dir_prefix(&key))
+                .await
+                .map_err(err)?;
+            tracing::info!(key, files, bytes, "saved a directory");
             return Ok(());
         }
-        let shape = UploadShape {
-            part_size: repo.config.part_size_for(meta.len()),
-            concurrent: repo.config.jobs,
-        };
-        let up = repo
-            .store
-            .upload_file(&path, &key, shape)
-            .await
-            .map_err(err)?;
+        let up = repo.uploader.file(&path, &key).await.map_err(err)?;
         tracing::info!(
             key,
             bytes = up.bytes,
-            crc_checked = up.crc_checked,
+            parts = up.parts,
+            parts_resumed = up.parts_resumed,
+            checked = ?up.checked,
             "saved a file"
         );
         Ok(())
@@ -216,36 +194,23 @@ impl Driver {
             .map_err(|e| format!("reading the stream: {e}"))?
             .ok_or("the stream ended before its first frame (the artifact)")?;
         let (repo, key) = self.resolve(first.output_artifact.as_ref())?;
-        let shape = UploadShape {
-            part_size: repo.config.part_size,
-            concurrent: repo.config.jobs,
-        };
-        let err = |e: Error| format!("saving a stream to {key}: {e}");
-        let mut sink = repo.store.upload(&key, shape).await.map_err(err)?;
-        let mut pending = first.chunk;
-        loop {
-            if !pending.is_empty()
-                && let Err(e) = sink.write(Bytes::from(std::mem::take(&mut pending))).await
-            {
-                sink.abort().await;
-                return Err(err(e));
-            }
-            match frames.message().await {
-                Ok(Some(f)) => pending = f.chunk,
-                Ok(None) => break,
-                Err(e) => {
-                    sink.abort().await;
-                    return Err(format!(
-                        "saving a stream to {key}: the client's stream failed: {e}"
-                    ));
-                }
-            }
-        }
-        let up = sink.finish().await.map_err(err)?;
+        let head = futures::stream::iter([Ok(Bytes::from(first.chunk))]);
+        let rest = frames.map(|f| match f {
+            Ok(f) => Ok(Bytes::from(f.chunk)),
+            Err(e) => Err(Error::Io(std::io::Error::other(format!(
+                "the client's stream failed: {e}"
+            )))),
+        });
+        let up = repo
+            .uploader
+            .stream(&key, head.chain(rest))
+            .await
+            .map_err(|e| format!("saving a stream to {key}: {e}"))?;
         tracing::info!(
             key,
             bytes = up.bytes,
-            crc_checked = up.crc_checked,
+            parts = up.parts,
+            checked = ?up.checked,
             "saved a stream"
         );
         Ok(())
@@ -346,31 +311,6 @@ impl Driver {
         });
         Ok(ReceiverStream::new(rx))
     }
-}
-
-/// Regular files under `dir` as (relative path with `/`, size), symlinks and others skipped.
-fn walk_files(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    while let Some((abs, rel)) = stack.pop() {
-        for e in std::fs::read_dir(&abs)? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().to_string();
-            let rel = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let ty = e.file_type()?;
-            if ty.is_dir() {
-                stack.push((e.path(), rel));
-            } else if ty.is_file() {
-                out.push((rel, e.metadata()?.len()));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn failed(what: &str, e: &str) {

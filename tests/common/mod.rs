@@ -40,6 +40,20 @@ pub fn emulator() -> Emulator {
     emu
 }
 
+/// Starts the emulator with one bucket, keeping big parts and objects in memory-mapped
+/// files under `dir` (objects over 5 GiB without the RAM).
+pub fn emulator_spilling(dir: &Path) -> Emulator {
+    let cfg = EmuConfig {
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        spill_dir: Some(dir.to_path_buf()),
+        ..EmuConfig::default()
+    };
+    let emu = Emulator::start(cfg).expect("start s3emu");
+    emu.create_bucket(BUCKET);
+    emu
+}
+
 /// Deterministic, position-dependent content: byte `i` of object `seed` is a function of
 /// (seed, i), so any misplaced or duplicated block is detected.
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
