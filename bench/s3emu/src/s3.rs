@@ -833,15 +833,15 @@ impl S3 for Emu {
                 )
             });
         }
-        if input.content_md5.is_some() {
-            check_content_md5(input.content_md5.as_deref(), &store::md5_of(&data))?;
-        }
+        let md5 = store::md5_of(&data);
+        check_content_md5(input.content_md5.as_deref(), &md5)?;
         let (etag, crc64) = s.store.upload_part(
             &input.upload_id,
             &input.bucket,
             &input.key,
             input.part_number,
             data,
+            md5,
         )?;
         let mut resp = S3Response::new(UploadPartOutput {
             e_tag: Some(etag_dto(&etag)),

@@ -497,6 +497,7 @@ impl Store {
         key: &str,
         part_number: i32,
         data: Bytes,
+        md5: [u8; 16],
     ) -> S3Result<(String, u64)> {
         if !(1..=MAX_PART_NUMBER).contains(&part_number) {
             return Err(s3_error!(
@@ -504,7 +505,6 @@ impl Store {
                 "Part number must be an integer between 1 and 10000, inclusive"
             ));
         }
-        let md5 = md5_of(&data);
         let crc = crc64_of(&data);
         let data = self.spill(data);
         let mut uploads = self.uploads.lock().unwrap();
@@ -794,13 +794,13 @@ mod tests {
         let s = store_with(&[]);
         s.create_upload("u".into(), "b", "k", None, None).unwrap();
         let big = Bytes::from(vec![1u8; MIN_PART_SIZE]);
-        let e1 = s.upload_part("u", "b", "k", 1, big.clone()).unwrap().0;
+        let e1 = s.upload_part("u", "b", "k", 1, big.clone(), md5_of(&big)).unwrap().0;
         let (e2, c2) = s
-            .upload_part("u", "b", "k", 2, Bytes::from_static(b"tail"))
+            .upload_part("u", "b", "k", 2, Bytes::from_static(b"tail"), md5_of(b"tail"))
             .unwrap();
         assert_eq!(c2, crc64_of(b"tail"));
         let e3 = s
-            .upload_part("u", "b", "k", 3, Bytes::from_static(b"small"))
+            .upload_part("u", "b", "k", 3, Bytes::from_static(b"small"), md5_of(b"small"))
             .unwrap()
             .0;
         // small non-final part
