@@ -92,7 +92,7 @@ async fn receive_body(
     if !s.store.bucket_exists(bucket) {
         return Err(s3_error!(NoSuchBucket));
     }
-    let data = collect_body(body).await?;
+    let data = collect_body(body, s.knobs.bandwidth()).await?;
     if let Some(n) = content_length
         && u64::try_from(n).ok() != Some(data.len() as u64)
     {
@@ -104,12 +104,21 @@ async fn receive_body(
     Ok(data)
 }
 
-async fn collect_body(body: Option<StreamingBlob>) -> S3Result<Bytes> {
+/// The per-connection cap applies to request bodies too: reading is paced to it (one
+/// request at a time per HTTP/1 connection, so per request is per connection).
+async fn collect_body(body: Option<StreamingBlob>, bandwidth: Option<u64>) -> S3Result<Bytes> {
     let Some(mut body) = body else {
         return Ok(Bytes::new());
     };
     let mut chunks: Vec<Bytes> = Vec::new();
+    let started = tokio::time::Instant::now();
+    let mut received = 0u64;
     while let Some(chunk) = body.next().await {
+        if let (Some(bw), Ok(c)) = (bandwidth, &chunk) {
+            received += c.len() as u64;
+            let due = started + std::time::Duration::from_secs_f64(received as f64 / bw as f64);
+            tokio::time::sleep_until(due).await;
+        }
         let chunk = chunk.map_err(|e| {
             let msg = e.to_string();
             if msg.contains("Sha256Mismatch") {
