@@ -670,7 +670,7 @@ fn open_stream_to_a_slow_consumer_stays_within_its_window() {
         files_during.is_empty(),
         "files opened while streaming: {files_during:?}"
     );
-    // Read-ahead 4 x 8 MiB + 2 frames + HTTP/2 buffers, over a baseline of the runtime.
+    // Read-ahead 12 x 4 MiB + 2 frames + HTTP/2 buffers, over a baseline of the runtime.
     assert!(peak < baseline + 96, "peak RSS {peak} MiB");
 }
 

@@ -111,15 +111,38 @@ pub struct Uploader {
     memory: Arc<Semaphore>,
     stats: Arc<UploadStats>,
     progress: Option<Arc<Progress>>,
+    /// One of the `PART_CRC_*` states below.
+    part_crc: Arc<std::sync::atomic::AtomicU8>,
+    /// Held by a first part sent alone (see `multipart_file`).
+    first_part: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A part read and hashed.
+/// A part to send: read and hashed, or (when the store answers each part's CRC-64) a range
+/// of the file, streamed and hashed as it goes.
 struct PartData {
     number: u32,
-    data: Bytes,
-    crc64: u64,
+    len: u64,
+    body: PartSource,
+    /// Known up front for a part in memory; a streamed part's is taken as it is sent.
+    crc64: Option<u64>,
     md5: Option<[u8; 16]>,
 }
+
+enum PartSource {
+    Memory(Bytes),
+    File {
+        file: Arc<std::fs::File>,
+        offset: u64,
+    },
+}
+
+/// Whether the store answers an UploadPart with the part's CRC-64 (learned from the first
+/// answer): then parts of a file are streamed from it and checked by that CRC, with no
+/// MD5 and no part-sized buffer; else each part is read into memory and MD5-hashed first
+/// for `Content-MD5`.
+const PART_CRC_UNKNOWN: u8 = 0;
+const PART_CRC_DECLARED: u8 = 1;
+const PART_CRC_ABSENT: u8 = 2;
 
 impl Uploader {
     pub fn new(store: Store, opts: UploadOptions) -> Self {
@@ -141,6 +164,8 @@ impl Uploader {
             memory: Arc::new(Semaphore::new(kib)),
             stats: Arc::new(UploadStats::default()),
             progress: None,
+            part_crc: Arc::new(std::sync::atomic::AtomicU8::new(PART_CRC_UNKNOWN)),
+            first_part: Arc::new(tokio::sync::Mutex::new(())),
             store,
             opts,
         }
@@ -348,7 +373,7 @@ impl Uploader {
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
-        let md5 = client.scheme == Scheme::S3;
+        let s3 = client.scheme == Scheme::S3;
         let mut sending = tokio::task::JoinSet::new();
         let mut done = BTreeMap::new();
         let mut number = 0u32;
@@ -383,6 +408,7 @@ impl Uploader {
             let (client, key, upload_id) = (client.clone(), key.to_string(), upload_id.to_string());
             sending.spawn(async move {
                 let _held = (slot, mem);
+                let md5 = me.wants_md5(s3);
                 let part = tokio::task::spawn_blocking(move || hash_part(number, data, md5))
                     .await
                     .map_err(|e| Error::Io(std::io::Error::other(e)))?;
@@ -455,9 +481,14 @@ impl Uploader {
         let todo: Vec<u32> = (1..=nparts).filter(|n| !cp.parts.contains_key(n)).collect();
         let shared = Arc::new(Mutex::new((cp.clone(), Instant::now())));
         let file = Arc::new(std::fs::File::open(path).map_err(|e| io_at(path, e))?);
-        let md5 = client.scheme == Scheme::S3;
-        let result = futures::stream::iter(todo)
-            .map(|number| {
+        let s3 = client.scheme == Scheme::S3;
+        // Until a store has answered one part, it is not known whether parts can be
+        // streamed (CRC-64 answered) or must be held in memory for an MD5: the first part
+        // goes alone, so a whole wave of parts is not read into memory for nothing.
+        let first_alone = self.part_crc.load(Ordering::Relaxed) == PART_CRC_UNKNOWN;
+        let result = futures::stream::iter(todo.into_iter().enumerate())
+            .map(|(i, number)| {
+                let alone = (first_alone && i == 0).then(|| self.first_part.clone());
                 let (file, shared, client, cp_path) = (
                     file.clone(),
                     shared.clone(),
@@ -467,13 +498,35 @@ impl Uploader {
                 let (key, upload_id) = (key.to_string(), upload_id.clone());
                 async move {
                     let (offset, len) = part_range(size, part_size, number);
+                    // The first part holds the gate until it is answered; the others wait.
+                    let _gate = match alone {
+                        Some(gate) => Some(gate.lock_owned().await),
+                        None => {
+                            drop(self.first_part.lock().await);
+                            None
+                        }
+                    };
                     let _slot = self.slot().await;
-                    let _mem = self.memory_for(len).await;
-                    let part = tokio::task::spawn_blocking(move || {
-                        read_part(&file, offset, len).map(|d| hash_part(number, d, md5))
-                    })
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+                    let streamed = self.part_crc.load(Ordering::Relaxed) == PART_CRC_DECLARED;
+                    let _mem = self
+                        .memory_for(if streamed { len.min(4 << 20) } else { len })
+                        .await;
+                    let part = if streamed {
+                        PartData {
+                            number,
+                            len,
+                            body: PartSource::File { file, offset },
+                            crc64: None,
+                            md5: None,
+                        }
+                    } else {
+                        let md5 = self.wants_md5(s3);
+                        tokio::task::spawn_blocking(move || {
+                            read_part(&file, offset, len).map(|d| hash_part(number, d, md5))
+                        })
+                        .await
+                        .map_err(|e| Error::Io(std::io::Error::other(e)))??
+                    };
                     let sent = self.send_part(&client, &key, &upload_id, &part).await?;
                     let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
                     g.0.parts.insert(number, sent);
@@ -584,6 +637,16 @@ impl Uploader {
         }
     }
 
+    /// Whether a part held in memory gets an MD5 (`Content-MD5`): on S3, and on any store
+    /// that did not answer a part's CRC-64; never once a store has answered one.
+    fn wants_md5(&self, s3: bool) -> bool {
+        match self.part_crc.load(Ordering::Relaxed) {
+            PART_CRC_DECLARED => false,
+            PART_CRC_ABSENT => true,
+            _ => s3,
+        }
+    }
+
     async fn abort(&self, client: &Client, key: &str, upload_id: &str) {
         match client.abort(key, upload_id).await {
             Ok(()) => {
@@ -605,36 +668,64 @@ impl Uploader {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let taken = Arc::new(Mutex::new(crc_fast::Digest::new(
+                crc_fast::CrcAlgorithm::Crc64Xz,
+            )));
+            let stream: std::pin::Pin<
+                Box<dyn Stream<Item = std::io::Result<Bytes>> + Send + Sync>,
+            > = match &part.body {
+                PartSource::Memory(data) => Box::pin(paced(&self.store, data.clone())),
+                PartSource::File { file, offset } => Box::pin(streamed_range(
+                    &self.store,
+                    file.clone(),
+                    *offset,
+                    part.len,
+                    taken.clone(),
+                )),
+            };
             let body = PartBody {
-                len: part.data.len() as u64,
+                len: part.len,
                 content_md5: part
                     .md5
                     .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
-                stream: Box::pin(paced(&self.store, part.data.clone())),
+                stream,
             };
             self.stats.parts_sent.fetch_add(1, Ordering::Relaxed);
             let err = match client.upload_part(key, upload_id, part.number, body).await {
                 Ok(r) => {
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(part.data.len() as u64, Ordering::Relaxed);
+                    self.stats.bytes_sent.fetch_add(part.len, Ordering::Relaxed);
+                    self.part_crc.store(
+                        if r.crc64.is_some() {
+                            PART_CRC_DECLARED
+                        } else {
+                            PART_CRC_ABSENT
+                        },
+                        Ordering::Relaxed,
+                    );
+                    let sent_crc = part.crc64.unwrap_or_else(|| {
+                        taken.lock().unwrap_or_else(|e| e.into_inner()).finalize()
+                    });
                     let etag_md5 = integrity::etag_md5(Some(&r.etag));
                     let bad = match (r.crc64, &etag_md5, &md5_hex) {
-                        (Some(c), _, _) if c != part.crc64 => {
-                            Some((format!("CRC-64 {}", part.crc64), format!("CRC-64 {c}")))
+                        (Some(c), _, _) if c != sent_crc => {
+                            Some((format!("CRC-64 {sent_crc}"), format!("CRC-64 {c}")))
                         }
                         (_, Some(got), Some(want)) if got != want => {
                             Some((format!("MD5 {want}"), format!("ETag {got}")))
                         }
+                        (None, _, None) => Some((
+                            "a CRC-64 in the answer (the part was streamed unhashed)".into(),
+                            "none: sending it again with Content-MD5".into(),
+                        )),
                         _ => None,
                     };
                     match bad {
                         None => {
-                            self.progress_bytes(part.data.len() as u64);
+                            self.progress_bytes(part.len);
                             return Ok(DonePart {
                                 etag: r.etag,
-                                size: part.data.len() as u64,
-                                crc64: part.crc64,
+                                size: part.len,
+                                crc64: sent_crc,
                                 md5: md5_hex.clone().or(etag_md5).unwrap_or_default(),
                             });
                         }
@@ -795,10 +886,53 @@ fn hash_part(number: u32, data: Bytes, md5: bool) -> PartData {
     let md5 = md5.then(|| Md5::digest(&data).into());
     PartData {
         number,
-        data,
-        crc64,
+        len: data.len() as u64,
+        body: PartSource::Memory(data),
+        crc64: Some(crc64),
         md5,
     }
+}
+
+/// `len` bytes of `file` from `offset` as 1 MiB chunks read by a blocking task two chunks
+/// ahead, each added to `crc` and paid to the store's limiters as it goes out.
+fn streamed_range(
+    store: &Store,
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+    crc: Arc<Mutex<crc_fast::Digest>>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1024 * 1024;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
+    tokio::task::spawn_blocking(move || {
+        let mut at = 0;
+        while at < len {
+            let n = CHUNK.min(len - at) as usize;
+            let mut buf = vec![0u8; n];
+            let r = file.read_exact_at(&mut buf, offset + at).map(|()| {
+                crc.lock().unwrap_or_else(|e| e.into_inner()).update(&buf);
+                Bytes::from(buf)
+            });
+            let failed = r.is_err();
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+            at += n as u64;
+        }
+    });
+    let limiters: Vec<_> = store.limiters().to_vec();
+    tokio_stream::wrappers::ReceiverStream::new(rx).then(move |c| {
+        let limiters = limiters.clone();
+        async move {
+            if let Ok(c) = &c {
+                for l in &limiters {
+                    l.acquire(c.len() as u64).await;
+                }
+            }
+            c
+        }
+    })
 }
 
 /// The listed parts that hold this file's bytes: those the checkpoint knows with the same
@@ -845,7 +979,7 @@ async fn confirm_parts(
                     DonePart {
                         etag: p.etag,
                         size: p.size,
-                        crc64: h.crc64,
+                        crc64: h.crc64.unwrap_or_default(),
                         md5: if md5 { got } else { String::new() },
                     },
                 ));

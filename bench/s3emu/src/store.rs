@@ -794,13 +794,30 @@ mod tests {
         let s = store_with(&[]);
         s.create_upload("u".into(), "b", "k", None, None).unwrap();
         let big = Bytes::from(vec![1u8; MIN_PART_SIZE]);
-        let e1 = s.upload_part("u", "b", "k", 1, big.clone(), md5_of(&big)).unwrap().0;
+        let e1 = s
+            .upload_part("u", "b", "k", 1, big.clone(), md5_of(&big))
+            .unwrap()
+            .0;
         let (e2, c2) = s
-            .upload_part("u", "b", "k", 2, Bytes::from_static(b"tail"), md5_of(b"tail"))
+            .upload_part(
+                "u",
+                "b",
+                "k",
+                2,
+                Bytes::from_static(b"tail"),
+                md5_of(b"tail"),
+            )
             .unwrap();
         assert_eq!(c2, crc64_of(b"tail"));
         let e3 = s
-            .upload_part("u", "b", "k", 3, Bytes::from_static(b"small"), md5_of(b"small"))
+            .upload_part(
+                "u",
+                "b",
+                "k",
+                3,
+                Bytes::from_static(b"small"),
+                md5_of(b"small"),
+            )
             .unwrap()
             .0;
         // small non-final part
