@@ -313,13 +313,30 @@ impl Client {
     ) -> Result<PartReceipt> {
         let n = number.to_string();
         let url = self.url(key, &[("partNumber", &n), ("uploadId", upload_id)]);
+        self.send_body("UploadPart", key, url, part).await
+    }
+
+    /// Stores a whole object in one PUT (at most [`MAX_SINGLE_PUT`]); answered like a part,
+    /// so it is checked the same way, without a HEAD afterwards.
+    pub async fn put_object(&self, key: &str, body: PartBody) -> Result<PartReceipt> {
+        let url = self.url(key, &[]);
+        self.send_body("PutObject", key, url, body).await
+    }
+
+    async fn send_body(
+        &self,
+        op: &'static str,
+        key: &str,
+        url: String,
+        part: PartBody,
+    ) -> Result<PartReceipt> {
         let mut headers = vec![("content-length", part.len.to_string())];
         if let Some(md5) = part.content_md5 {
             headers.push(("content-md5", md5));
         }
         let resp = self
             .send(
-                "UploadPart",
+                op,
                 key,
                 Method::PUT,
                 url,

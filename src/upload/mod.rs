@@ -246,6 +246,34 @@ impl Uploader {
 
     async fn single_put(&self, path: &Path, key: &str, size: u64) -> Result<Uploaded> {
         let _slot = self.slot().await;
+        if self.store.source().scheme != Scheme::File {
+            // One signed PUT, checked by its answer (CRC-64 or MD5 ETag): no HEAD after it.
+            let _mem = self.memory_for(size).await;
+            let client = self.store.multipart()?;
+            let md5 = self.wants_md5(client.scheme == Scheme::S3);
+            let p = path.to_path_buf();
+            let part = tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::open(&p).map_err(|e| io_at(&p, e))?;
+                read_part(&f, 0, size).map(|d| hash_part(0, d, md5))
+            })
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let done = self.send_part(&client, key, "", &part).await?;
+            let checked = if self.part_crc.load(Ordering::Relaxed) == PART_CRC_DECLARED {
+                Checked::Crc64
+            } else if !done.md5.is_empty() {
+                Checked::Md5
+            } else {
+                Checked::SizeOnly
+            };
+            return Ok(Uploaded {
+                bytes: size,
+                crc64: done.crc64,
+                checked,
+                parts: 0,
+                parts_resumed: 0,
+            });
+        }
         let _mem = self.memory_for(size.min(8 << 20)).await;
         let shape = UploadShape {
             part_size: size.max(1),
@@ -664,18 +692,37 @@ impl Uploader {
         upload_id: &str,
         part: &PartData,
     ) -> Result<DonePart> {
-        let md5_hex = part.md5.map(|m| integrity::hex(&m));
+        let mut md5 = part.md5;
+        // Set when a part is re-sent from memory with an MD5 it did not have at first.
+        let mut held: Option<Bytes> = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if md5.is_none() && self.part_crc.load(Ordering::Relaxed) == PART_CRC_ABSENT {
+                // The store does not answer CRC-64s after all: the part needs an MD5.
+                let data = match &part.body {
+                    PartSource::Memory(d) => d.clone(),
+                    PartSource::File { file, offset } => {
+                        let (file, offset, len) = (file.clone(), *offset, part.len);
+                        tokio::task::spawn_blocking(move || read_part(&file, offset, len))
+                            .await
+                            .map_err(|e| Error::Io(std::io::Error::other(e)))??
+                    }
+                };
+                md5 = Some(Md5::digest(&data).into());
+                held = Some(data);
+            }
+            let md5_hex = md5.map(|m| integrity::hex(&m));
             let taken = Arc::new(Mutex::new(crc_fast::Digest::new(
                 crc_fast::CrcAlgorithm::Crc64Xz,
             )));
             let stream: std::pin::Pin<
                 Box<dyn Stream<Item = std::io::Result<Bytes>> + Send + Sync>,
-            > = match &part.body {
-                PartSource::Memory(data) => Box::pin(paced(&self.store, data.clone())),
-                PartSource::File { file, offset } => Box::pin(streamed_range(
+            > = match (&held, &part.body) {
+                (Some(data), _) | (None, PartSource::Memory(data)) => {
+                    Box::pin(paced(&self.store, data.clone()))
+                }
+                (None, PartSource::File { file, offset }) => Box::pin(streamed_range(
                     &self.store,
                     file.clone(),
                     *offset,
@@ -685,13 +732,16 @@ impl Uploader {
             };
             let body = PartBody {
                 len: part.len,
-                content_md5: part
-                    .md5
-                    .map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
+                content_md5: md5.map(|m| base64::engine::general_purpose::STANDARD.encode(m)),
                 stream,
             };
             self.stats.parts_sent.fetch_add(1, Ordering::Relaxed);
-            let err = match client.upload_part(key, upload_id, part.number, body).await {
+            let answer = if part.number == 0 {
+                client.put_object(key, body).await
+            } else {
+                client.upload_part(key, upload_id, part.number, body).await
+            };
+            let err = match answer {
                 Ok(r) => {
                     self.stats.bytes_sent.fetch_add(part.len, Ordering::Relaxed);
                     self.part_crc.store(
@@ -702,9 +752,11 @@ impl Uploader {
                         },
                         Ordering::Relaxed,
                     );
-                    let sent_crc = part.crc64.unwrap_or_else(|| {
-                        taken.lock().unwrap_or_else(|e| e.into_inner()).finalize()
-                    });
+                    let sent_crc = match (&held, part.crc64) {
+                        (Some(d), _) => integrity::crc64(d),
+                        (None, Some(c)) => c,
+                        (None, None) => taken.lock().unwrap_or_else(|e| e.into_inner()).finalize(),
+                    };
                     let etag_md5 = integrity::etag_md5(Some(&r.etag));
                     let bad = match (r.crc64, &etag_md5, &md5_hex) {
                         (Some(c), _, _) if c != sent_crc => {

@@ -4,8 +4,8 @@
 //! while the server runs.
 
 use std::collections::HashSet;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 /// Probabilistic fault injection for GET/HEAD. Rates are probabilities in `[0, 1]`.
@@ -179,6 +179,7 @@ pub struct Knobs {
     part_faults: RwLock<PartFaults>,
     corrupt_next_parts: AtomicU64,
     fail_next_parts: AtomicU64,
+    corrupt_part_numbers: Mutex<HashSet<i32>>,
 }
 
 impl Knobs {
@@ -198,6 +199,7 @@ impl Knobs {
             part_faults: RwLock::new(PartFaults::default()),
             corrupt_next_parts: AtomicU64::new(0),
             fail_next_parts: AtomicU64::new(0),
+            corrupt_part_numbers: Mutex::new(HashSet::new()),
         };
         k.set_latency(latency);
         k.set_bandwidth(bandwidth);
@@ -318,10 +320,17 @@ impl Knobs {
         self.fail_next_parts.fetch_add(n, Relaxed);
     }
 
-    pub fn take_corrupt_part(&self) -> bool {
+    /// Whether this part arrives damaged: one of the next `corrupt_next_parts`, or the first
+    /// arrival of a part number set with `add_corrupt_part_number`.
+    pub fn take_corrupt_part(&self, number: i32) -> bool {
         self.corrupt_next_parts
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
             .is_ok()
+            || self.corrupt_part_numbers.lock().unwrap().remove(&number)
+    }
+
+    pub fn add_corrupt_part_number(&self, number: i32) {
+        self.corrupt_part_numbers.lock().unwrap().insert(number);
     }
 
     pub fn take_failed_part(&self) -> bool {

@@ -281,6 +281,11 @@ impl Emulator {
         self.shared.knobs.add_corrupt_next_parts(n);
     }
 
+    /// The first UploadPart of part `number` (of any upload) to arrive gets one byte flipped.
+    pub fn corrupt_part_number(&self, number: i32) {
+        self.shared.knobs.add_corrupt_part_number(number);
+    }
+
     /// The next `n` UploadParts are answered 5xx after their body is received.
     pub fn fail_next_parts(&self, n: u64) {
         self.shared.knobs.add_fail_next_parts(n);

@@ -494,11 +494,16 @@ impl S3 for Emu {
                 }
                 Ok(())
             })?;
-        Ok(S3Response::new(PutObjectOutput {
-            e_tag: Some(etag_dto(&obj.etag)),
-            size: Some(i64::try_from(obj.len()).unwrap_or(i64::MAX)),
-            ..Default::default()
-        }))
+        // OSS answers a PUT with the object's CRC-64 too.
+        Ok(with_crc64(
+            S3Response::new(PutObjectOutput {
+                e_tag: Some(etag_dto(&obj.etag)),
+                size: Some(i64::try_from(obj.len()).unwrap_or(i64::MAX)),
+                ..Default::default()
+            }),
+            &obj,
+            &s.knobs,
+        ))
     }
 
     async fn get_object(
@@ -824,7 +829,9 @@ impl S3 for Emu {
         let mut data =
             receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
         Counters::add(&s.counters.put_bytes, data.len() as u64);
-        if !data.is_empty() && (s.knobs.take_corrupt_part() || s.rng.chance(faults.corrupt_rate)) {
+        if !data.is_empty()
+            && (s.knobs.take_corrupt_part(input.part_number) || s.rng.chance(faults.corrupt_rate))
+        {
             Counters::add(&s.counters.injected_part_faults, 1);
             let mut damaged = BytesMut::from(&data[..]);
             let at = damaged.len() / 2;
