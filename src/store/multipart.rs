@@ -138,9 +138,10 @@ impl reqsign_core::HttpSend for HttpSend {
 impl Client {
     /// A client for the store `cfg` names (S3 or OSS; `file://` has no multipart).
     pub fn new(cfg: &StoreConfig, endpoint: &str) -> Result<Self> {
+        // No read timeout: reqwest's runs from the send until the response head, so it
+        // would cut off a large part still being sent. `send` bounds each request instead.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::InvalidOption(format!("an HTTP client: {e}")))?;
         let src = &cfg.source;
@@ -220,6 +221,12 @@ impl Client {
         })
     }
 
+    /// Whether a key can be sent as a URL path unchanged: `.` and `..` segments would be
+    /// collapsed by URL normalisation after signing (a different key, or a bad signature).
+    pub fn key_is_addressable(key: &str) -> bool {
+        !key.split('/').any(|c| c == "." || c == "..")
+    }
+
     fn url(&self, key: &str, query: &[(&str, &str)]) -> String {
         let mut url = format!(
             "{}/{}",
@@ -247,6 +254,11 @@ impl Client {
         headers: &[(&str, String)],
         body: reqwest::Body,
     ) -> Result<reqwest::Response> {
+        let body_len = headers
+            .iter()
+            .find(|(k, _)| *k == "content-length")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(0);
         let mut builder = Request::builder().method(method).uri(&url);
         for (k, v) in headers {
             builder = builder.header(*k, v);
@@ -266,13 +278,27 @@ impl Client {
         })?;
         let req = reqwest::Request::try_from(Request::from_parts(parts, body))
             .map_err(|e| Error::InvalidOption(format!("{op} request for {key:?}: {e}")))?;
-        let resp = self.http.execute(req).await.map_err(|e| Error::Request {
-            op,
-            key: key.to_string(),
-            status: None,
-            code: "connection".into(),
-            message: error_chain(&e),
-        })?;
+        // 60 s for the answer, plus the body at 64 KiB/s (the lowest cap fillfs accepts).
+        let limit =
+            Duration::from_secs(60) + Duration::from_secs(body_len / crate::limit::MIN_RATE);
+        let resp = match tokio::time::timeout(limit, self.http.execute(req)).await {
+            Ok(r) => r.map_err(|e| Error::Request {
+                op,
+                key: key.to_string(),
+                status: None,
+                code: "connection".into(),
+                message: error_chain(&e),
+            })?,
+            Err(_) => {
+                return Err(Error::Request {
+                    op,
+                    key: key.to_string(),
+                    status: None,
+                    code: "RequestTimeout".into(),
+                    message: format!("no answer within {} s", limit.as_secs()),
+                });
+            }
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -395,9 +421,12 @@ impl Client {
                 etag: p.etag,
                 size: p.size,
             }));
+            if !page.is_truncated {
+                break;
+            }
             match page.next_part_number_marker {
-                Some(m) if page.is_truncated && !m.is_empty() && m != marker => marker = m,
-                _ => break,
+                Some(m) if !m.is_empty() && m != marker => marker = m,
+                _ => return Err(truncated("ListParts", key)),
             }
         }
         out.sort_by_key(|p| p.number);
@@ -462,12 +491,15 @@ impl Client {
                     initiated: u.initiated,
                 })
             }));
+            if !page.is_truncated {
+                break;
+            }
             match (page.next_key_marker, page.next_upload_id_marker) {
-                (Some(k), Some(i)) if page.is_truncated && (k != key_marker || i != id_marker) => {
+                (Some(k), Some(i)) if k != key_marker || i != id_marker => {
                     key_marker = k;
                     id_marker = i;
                 }
-                _ => break,
+                _ => return Err(truncated("ListMultipartUploads", prefix)),
             }
         }
         Ok(out)
@@ -521,10 +553,12 @@ impl Client {
         // S3 may answer 200 and put the error in the body.
         let text = body(resp).await?;
         if text.contains("<Error>") {
+            // Classified by its code (InternalError and SlowDown are transient, InvalidPart
+            // is not), not by the 200.
             return Err(request_error(
                 "CompleteMultipartUpload",
                 key,
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::OK,
                 &text,
             ));
         }
@@ -555,6 +589,17 @@ impl Client {
             Err(Error::Request { code, .. }) if code == "NoSuchUpload" => Ok(()),
             r => r.map(|_| ()),
         }
+    }
+}
+
+/// A listing that says it goes on but not where: never taken as complete.
+fn truncated(op: &'static str, key: &str) -> Error {
+    Error::Request {
+        op,
+        key: key.to_string(),
+        status: Some(200),
+        code: "MalformedResponse".into(),
+        message: "the listing is truncated but gives no marker to go on from".into(),
     }
 }
 

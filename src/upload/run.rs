@@ -167,18 +167,18 @@ mod tests {
         std::fs::write(&f, b"x").unwrap();
         let d = |url: &str| Destination::of(&f, url).unwrap();
         assert_eq!(
-            d("s3://b/a/b.bin"),
+            d("s3://bkt/a/b.bin"),
             Destination {
-                store_url: "s3://b/a/".into(),
+                store_url: "s3://bkt/a/".into(),
                 key: Some("b.bin".into())
             }
         );
-        assert_eq!(d("s3://b/a/").key.as_deref(), Some("data.bin"));
-        assert_eq!(d("s3://b/a/").store_url, "s3://b/a/");
-        assert_eq!(d("s3://b").key.as_deref(), Some("data.bin"));
-        let t = Destination::of(dir.path(), "oss://b/p").unwrap();
+        assert_eq!(d("s3://bkt/a/").key.as_deref(), Some("data.bin"));
+        assert_eq!(d("s3://bkt/a/").store_url, "s3://bkt/a/");
+        assert_eq!(d("s3://bkt").key.as_deref(), Some("data.bin"));
+        let t = Destination::of(dir.path(), "oss://bkt/p").unwrap();
         assert_eq!(t.key, None);
-        assert!(Destination::of(&dir.path().join("missing"), "s3://b/k").is_err());
-        assert!(Destination::of(&f, "http://b/k").is_err());
+        assert!(Destination::of(&dir.path().join("missing"), "s3://bkt/k").is_err());
+        assert!(Destination::of(&f, "http://bkt/k").is_err());
     }
 }

@@ -28,7 +28,9 @@ pub struct PartFaults {
     /// BadDigest; without one, the part is stored and its ETag and CRC-64 are of the
     /// damaged bytes).
     pub corrupt_rate: f64,
-    /// The connection is dropped half-way through the part's body.
+    /// The part's body is read half-way, then the request is answered 500 InternalError
+    /// without reading the rest (the client sees its upload broken off: an error answer
+    /// or a closed connection).
     pub reset_rate: f64,
 }
 

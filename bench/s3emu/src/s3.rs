@@ -458,9 +458,8 @@ impl S3 for Emu {
                 "Your proposed upload exceeds the maximum allowed object size.",
             )
         };
-        if input.content_length.is_some_and(|n| n as u64 > max) {
-            return Err(too_large());
-        }
+        // The body is taken before refusing it: a refusal before it would reach a client
+        // still writing it as a broken pipe rather than as the store's answer.
         let data = receive_body(s, &input.bucket, input.body.take(), input.content_length).await?;
         Counters::add(&s.counters.put_bytes, data.len() as u64);
         if data.len() as u64 > max {
@@ -921,14 +920,25 @@ impl S3 for Emu {
         let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
         let key_marker = input.key_marker.clone().unwrap_or_default();
         let id_marker = input.upload_id_marker.clone().unwrap_or_default();
-        let mut after: Vec<_> = all
-            .into_iter()
-            .filter(|u| {
-                key_marker.is_empty()
-                    || u.key > key_marker
-                    || (u.key == key_marker && !id_marker.is_empty() && u.upload_id > id_marker)
-            })
-            .collect();
+        // Markers are positions in the sorted list (key, then initiation): the entry they
+        // name, or for a key marker alone everything of that key, is passed over.
+        let start = if key_marker.is_empty() {
+            0
+        } else if id_marker.is_empty() {
+            all.iter()
+                .position(|u| u.key > key_marker)
+                .unwrap_or(all.len())
+        } else {
+            all.iter()
+                .position(|u| u.key == key_marker && u.upload_id == id_marker)
+                .map(|i| i + 1)
+                .unwrap_or_else(|| {
+                    all.iter()
+                        .position(|u| u.key > key_marker)
+                        .unwrap_or(all.len())
+                })
+        };
+        let mut after: Vec<_> = all.into_iter().skip(start).collect();
         let truncated = after.len() > max;
         after.truncate(max);
         let (next_key, next_id) = match after.last() {
