@@ -12,6 +12,16 @@ use common::*;
 
 const MIB: u64 = 1024 * 1024;
 
+/// Held by the tests that measure a mount's bytes or memory under load of their own making
+/// (parallel streams, many handles): run beside the suite's other heavy mounts on two
+/// cores, a reader starved of CPU for long enough lets its read-ahead be evicted from a
+/// deliberately small cache before it arrives, and the figure measures the machine.
+static MEASURED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn measured() -> std::sync::MutexGuard<'static, ()> {
+    MEASURED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn put_pattern(emu: &Emulator, key: &str, seed: u64, size: u64) -> Bytes {
     let data = Bytes::from(pattern(seed, 0, size as usize));
     emu.put_object(BUCKET, key, data.clone());
@@ -206,6 +216,7 @@ fn markers_prefixes_unicode_and_hostile_keys() {
 
 #[test]
 fn sixteen_concurrent_readers_on_different_files_and_on_one_file() {
+    let _serial = measured();
     if !fuse_available() {
         return;
     }
@@ -256,6 +267,7 @@ fn timed_read(path: &Path) -> f64 {
 
 #[test]
 fn throughput_cap_is_accurate_and_shared() {
+    let _serial = measured();
     if !fuse_available() {
         return;
     }
@@ -300,6 +312,7 @@ fn throughput_cap_is_accurate_and_shared() {
 /// streaming at once under --cache-size 256MiB peaked at 940 MiB before.
 #[test]
 fn memory_stays_within_cache_size_with_128_open_handles() {
+    let _serial = measured();
     if !fuse_available() {
         return;
     }
@@ -349,6 +362,7 @@ fn memory_stays_within_cache_size_with_128_open_handles() {
 
 #[test]
 fn memory_stays_within_cache_size_while_eight_readers_stream() {
+    let _serial = measured();
     if !fuse_available() {
         return;
     }
@@ -546,6 +560,7 @@ fn daemon_mode_returns_once_mounted() {
 
 #[test]
 fn parallel_streams_fetch_each_block_once_under_cache_pressure() {
+    let _serial = measured();
     if !fuse_available() {
         return;
     }

@@ -227,21 +227,15 @@ impl Client {
         !key.split('/').any(|c| c == "." || c == "..")
     }
 
+    /// The URL of `key` (under the root) with `query`.
     fn url(&self, key: &str, query: &[(&str, &str)]) -> String {
-        let mut url = format!(
-            "{}/{}",
-            self.base,
-            utf8_percent_encode(&format!("{}{key}", self.root), KEY)
-        );
-        for (i, (k, v)) in query.iter().enumerate() {
-            url.push(if i == 0 { '?' } else { '&' });
-            url.push_str(k);
-            if !v.is_empty() || *k != "uploads" {
-                url.push('=');
-                url.push_str(&utf8_percent_encode(v, QUERY).to_string());
-            }
-        }
-        url
+        let path = utf8_percent_encode(&format!("{}{key}", self.root), KEY).to_string();
+        format!("{}/{path}{}", self.base, query_string(query))
+    }
+
+    /// The bucket's own URL with `query`.
+    fn url_bucket(&self, query: &[(&str, &str)]) -> String {
+        format!("{}/{}", self.base, query_string(query))
     }
 
     /// Signs and sends one request; a non-2xx answer becomes [`Error::Request`].
@@ -505,19 +499,6 @@ impl Client {
         Ok(out)
     }
 
-    fn url_bucket(&self, query: &[(&str, &str)]) -> String {
-        let mut url = format!("{}/", self.base);
-        for (i, (k, v)) in query.iter().enumerate() {
-            url.push(if i == 0 { '?' } else { '&' });
-            url.push_str(k);
-            if !v.is_empty() || *k != "uploads" {
-                url.push('=');
-                url.push_str(&utf8_percent_encode(v, QUERY).to_string());
-            }
-        }
-        url
-    }
-
     /// Completes an upload from its parts (number, ETag as the store answered it), in order.
     /// Returns the object's ETag.
     pub async fn complete(
@@ -590,6 +571,20 @@ impl Client {
             r => r.map(|_| ()),
         }
     }
+}
+
+/// `?k=v&...`, values escaped; `uploads` (a sub-resource) has no `=` when empty.
+fn query_string(query: &[(&str, &str)]) -> String {
+    let mut q = String::new();
+    for (i, (k, v)) in query.iter().enumerate() {
+        q.push(if i == 0 { '?' } else { '&' });
+        q.push_str(k);
+        if !v.is_empty() || *k != "uploads" {
+            q.push('=');
+            q.push_str(&utf8_percent_encode(v, QUERY).to_string());
+        }
+    }
+    q
 }
 
 /// A listing that says it goes on but not where: never taken as complete.
@@ -682,6 +677,22 @@ pub type Shared = Arc<Client>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queries_keep_sub_resources_bare_and_escape_values() {
+        assert_eq!(query_string(&[]), "");
+        assert_eq!(query_string(&[("uploads", "")]), "?uploads");
+        assert_eq!(
+            query_string(&[("uploads", ""), ("prefix", "a b/c+d")]),
+            "?uploads&prefix=a%20b%2Fc%2Bd"
+        );
+        assert_eq!(
+            query_string(&[("partNumber", "3"), ("uploadId", "x~y")]),
+            "?partNumber=3&uploadId=x~y"
+        );
+        assert!(!Client::key_is_addressable("a/../b"));
+        assert!(Client::key_is_addressable("a/..b/c."));
+    }
 
     #[test]
     fn errors_are_read_from_the_body() {

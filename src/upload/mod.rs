@@ -304,9 +304,14 @@ impl Uploader {
             concurrent: 1,
         };
         let up = self.store.upload_file(path, key, shape).await?;
-        self.stats.bytes_sent.fetch_add(up.bytes, Ordering::Relaxed);
         self.progress_bytes(up.bytes);
-        Ok(Uploaded {
+        Ok(self.one_put(up))
+    }
+
+    /// What a single PUT through OpenDAL's writer stored, counted.
+    fn one_put(&self, up: crate::store::objects::Uploaded) -> Uploaded {
+        self.stats.bytes_sent.fetch_add(up.bytes, Ordering::Relaxed);
+        Uploaded {
             bytes: up.bytes,
             crc64: up.crc64,
             checked: if up.crc_checked {
@@ -316,7 +321,7 @@ impl Uploader {
             },
             parts: 0,
             parts_resumed: 0,
-        })
+        }
     }
 
     /// Uploads every regular file under `dir` to `prefix` + its path relative to `dir`
@@ -402,18 +407,7 @@ impl Uploader {
             return Err(e);
         }
         let up = sink.finish().await?;
-        self.stats.bytes_sent.fetch_add(up.bytes, Ordering::Relaxed);
-        Ok(Uploaded {
-            bytes: up.bytes,
-            crc64: up.crc64,
-            checked: if up.crc_checked {
-                Checked::Crc64
-            } else {
-                Checked::SizeOnly
-            },
-            parts: 0,
-            parts_resumed: 0,
-        })
+        Ok(self.one_put(up))
     }
 
     async fn stream_parts<S>(
