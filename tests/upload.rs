@@ -238,3 +238,49 @@ fn bad_input_gets_a_clear_error() {
     assert!(stderr(&o).contains("EntityTooLarge"), "{}", stderr(&o));
     assert_eq!(emu.object(BUCKET, "big"), None);
 }
+
+/// A file written to while it is uploaded: every part checks out against what was read,
+/// but the object would be a mix of two versions. It is withdrawn and the upload fails.
+#[test]
+fn a_file_changed_while_it_is_uploaded_is_not_kept() {
+    let emu = emulator();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("data.bin");
+    let size = 60 * MIB;
+    std::fs::write(&src, pattern(51, 0, size)).unwrap();
+    let state = dir.path().join("state");
+    let mut c = upload(
+        &emu,
+        &state,
+        &[
+            &src.display().to_string(),
+            &format!("s3://{BUCKET}/k/data.bin"),
+            "--part-size",
+            "5MiB",
+            "--throughput",
+            "20",
+            "--progress",
+            "none",
+        ],
+    );
+    let child = c.stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while emu.stats().put_bytes < 2 * 5 * MIB as u64 {
+        assert!(Instant::now() < deadline, "no parts stored");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        f.write_all_at(b"changed", 0).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("changed while it was uploaded"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(emu.object(BUCKET, "k/data.bin"), None);
+    assert!(emu.open_uploads(BUCKET).is_empty());
+}

@@ -1,6 +1,7 @@
 //! `ArtifactService` over a unix socket: each RPC resolved to a store (one per distinct
 //! configuration, kept for the process's life so its limiter and connections are shared)
-//! and a key, then done with the store and the populate engine.
+//! and a key, then done with the store, the upload engine (Save, SaveStream: one
+//! `Uploader` per configuration, so its bounds are shared) and the populate engine (Load).
 //!
 //! Errors go back the way Argo's client reads them: `success: false` (or `error`) with a
 //! message naming the key and the cause; a gRPC status only for a malformed request. Argo

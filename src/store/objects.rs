@@ -1,7 +1,9 @@
-//! Whole-object operations on keys relative to the store's root, for the Argo artifact
-//! driver: upload a file or a stream (paid to the same limiters as reads), delete a key or
-//! a prefix (batched, one request per 1,000 keys), list a prefix's keys, tell whether a prefix has anything under it,
-//! and the CRC-64 the store declares for a stored object.
+//! Whole-object operations on keys relative to the store's root, for the upload engine and
+//! the Argo artifact driver: upload a file or a stream through OpenDAL (used for `file://`
+//! and for streams that end within one part; `crate::upload` sends the rest itself),
+//! delete a key or a prefix (batched, one request per 1,000 keys), list a prefix's keys,
+//! tell whether a prefix has anything under it, and the CRC-64 the store declares for a
+//! stored object.
 //!
 //! Uploads go through OpenDAL's writer: one PUT up to a part, else a multipart upload with
 //! `concurrent` parts in flight; the CRC-64/XZ of what was sent is taken as it is read and
