@@ -76,9 +76,9 @@ enum Command {
                       paths relative to SRC.\n\n\
                       A file larger than --part-size is sent as a multipart upload, --jobs parts at a time \
                       (the part size grows so no file needs more than 10,000 parts; 5 TiB fits). Each part \
-                      is checked against the store's answer (its CRC-64 on OSS, its MD5 ETag on S3, sent \
-                      as Content-MD5) and sent again on a mismatch, a 5xx or a reset; the finished object's \
-                      CRC-64 (or multipart ETag) is checked too.\n\n\
+                      is checked: against the CRC-64 the store answers (OSS), or by the store against the \
+                      Content-MD5 sent with it (S3); it is sent again on a mismatch, a 5xx or a reset. The \
+                      finished object's CRC-64 (or multipart ETag) is checked too.\n\n\
                       Resuming: while a multipart upload runs, a checkpoint in --state-dir records the \
                       upload and its finished parts. Running the same command again after a crash, a kill \
                       or Ctrl-C confirms those parts with the store and sends only the rest; a changed file \
