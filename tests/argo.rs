@@ -862,17 +862,23 @@ fn damaged_and_failed_parts_are_sent_again() {
         "MEASURED 40 parts, the first and the 20th damaged, 5% 5xx, 2% resets: {} faults injected, {} UploadParts",
         st.injected_part_faults, st.puts
     );
-    assert!(st.injected_part_faults >= 3, "{st:?}");
+    // The two damaged parts are certain; the 5xx and broken-off bodies are random.
+    assert!(st.injected_part_faults >= 2, "{st:?}");
     assert!(st.puts as usize >= 40 + 2);
     assert_eq!(
         emu.object(BUCKET, "out/f.bin").unwrap(),
         pattern(22, 0, size)
     );
     assert!(emu.open_uploads(BUCKET).is_empty());
+    let log = plugin.log();
+    assert!(log.contains("sending a part again"), "{log}");
     assert!(
-        plugin.log().contains("sending a part again"),
-        "{}",
-        plugin.log()
+        log.contains("BadDigest"),
+        "the first part's Content-MD5: {log}"
+    );
+    assert!(
+        log.contains("checksum mismatch (expected CRC-64"),
+        "a streamed part's CRC-64: {log}"
     );
 }
 
