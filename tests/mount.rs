@@ -495,9 +495,22 @@ fn store_failures_are_retried_and_persistent_ones_give_eio_without_killing_the_m
         "cause must be logged:\n{}",
         m.log()
     );
+    // One handle kept open across the failure: its failed block must not stick.
+    use std::os::unix::fs::FileExt;
+    let held = std::fs::File::open(m.path().join("broken")).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let at = 5 * MIB;
+    let err = held.read_at(&mut buf, at).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 
-    // The mount keeps serving once the store recovers.
+    // The mount keeps serving once the store recovers, the same handle included.
     emu.set_faults(s3emu::Faults::default());
+    let gets = emu.stats().gets;
+    held.read_exact_at(&mut buf, at)
+        .expect("the handle whose read failed reads again once the store is back");
+    assert_eq!(buf, pattern(12, at, buf.len()));
+    assert!(emu.stats().gets > gets, "the block was fetched again");
+    drop(held);
     verify_stream(&m.path().join("fine"), 13, MIB);
     verify_stream(&m.path().join("broken"), 12, 10 * MIB);
     assert!(m.stop().success());

@@ -252,6 +252,11 @@ pub struct Prefetcher {
     /// 4.3 s after (same machine, same emulator). A block moved here from `ahead` keeps its
     /// hold, so memory stays bounded.
     recent: BTreeMap<u64, Arc<Hold>>,
+    /// Set by a read whose block failed: the next plan drops everything the handle holds
+    /// (failed futures included) and starts the stream again, as mountpoint-s3 resets its
+    /// prefetcher. Without it a failed block's future stayed held and every later read of
+    /// it on the handle failed with no new request.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Blocks a handle keeps after reading them: the current one (measured enough: one GET
@@ -277,6 +282,7 @@ impl Prefetcher {
             last_block: None,
             ahead: BTreeMap::new(),
             recent: BTreeMap::new(),
+            failed: Default::default(),
         }
     }
 
@@ -307,6 +313,16 @@ impl Prefetcher {
         let first = offset / bs;
         let last = (end - 1) / bs;
 
+        if self
+            .failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // A block failed since the last plan: nothing held is trusted, the stream
+            // starts again from this read.
+            self.cancel_all();
+            self.window = INITIAL_WINDOW.min(self.max_window);
+            self.last_block = None;
+        }
         // A handle's first read starts a stream wherever it lands (range readers, tail).
         let sequential = self.last_block.is_none()
             || (offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs);
@@ -321,21 +337,28 @@ impl Prefetcher {
         let keep = self.ahead.split_off(&first);
         drop(std::mem::replace(&mut self.ahead, keep)); // dropped holds abort their fetch
 
-        let mut parts: Vec<BlockFuture> = Vec::with_capacity((last - first + 1) as usize);
+        // Each part: the block's future, and whether it was fetched ahead (a failed
+        // read-ahead is fetched again for the reader before the read fails).
+        let mut parts: Vec<(BlockFuture, bool)> = Vec::with_capacity((last - first + 1) as usize);
         for b in first..=last {
-            // Ahead or recent, unless taken back by another reader's miss.
+            // Ahead or recent, unless taken back by another reader's miss. A held future
+            // that has already failed is not used again.
+            let usable = |d: &BlockFuture| !matches!(d.peek(), Some(Err(_)));
             let held = match self.ahead.remove(&b) {
                 Some(h) => {
                     h.disarm();
-                    h.data().map(|d| (d, h))
+                    h.data().filter(usable).map(|d| (d, h, true))
                 }
                 None => self
                     .recent
                     .get(&b)
-                    .and_then(|h| h.data().map(|d| (d, h.clone()))),
+                    .and_then(|h| h.data().filter(usable).map(|d| (d, h.clone(), false))),
             };
-            let (data, hold) = held.unwrap_or_else(|| self.demand(b));
-            parts.push(data);
+            let (data, hold, ahead) = held.unwrap_or_else(|| {
+                let (d, h) = self.demand(b);
+                (d, h, false)
+            });
+            parts.push((data, ahead));
             self.recent.insert(b, hold);
         }
         while self.recent.len() > RECENT_BLOCKS {
@@ -361,16 +384,38 @@ impl Prefetcher {
             self.schedule_ahead(last + 1);
         }
 
+        let (store, cache, obj, failed) = (
+            self.store.clone(),
+            self.cache.clone(),
+            self.obj.clone(),
+            self.failed.clone(),
+        );
+        // A part's bytes; a read-ahead that failed (perhaps long before the reader came)
+        // is fetched once more before the read fails. Any failure resets the handle.
+        let block = move |i: usize, (part, ahead): (BlockFuture, bool)| {
+            let (store, cache, obj, failed) =
+                (store.clone(), cache.clone(), obj.clone(), failed.clone());
+            async move {
+                let mut r = part.await;
+                if r.is_err() && ahead {
+                    r = cache.get_or_fetch(&store, &obj, first + i as u64).await;
+                }
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                r
+            }
+        };
         async move {
             if parts.len() == 1 {
-                let block = parts.pop().expect("one part").await?;
+                let block = block(0, parts.pop().expect("one part")).await?;
                 let start = (offset - first * bs) as usize;
                 let stop = (end - first * bs) as usize;
                 return Ok(block.slice(start..stop));
             }
             let mut out = BytesMut::with_capacity((end - offset) as usize);
             for (i, part) in parts.into_iter().enumerate() {
-                let block = part.await?;
+                let block = block(i, part).await?;
                 let block_start = (first + i as u64) * bs;
                 let from = offset.saturating_sub(block_start) as usize;
                 let to = ((end - block_start) as usize).min(block.len());
@@ -511,7 +556,9 @@ mod tests {
             max_window, 16,
             "window must grow to max_window on a sequential stream"
         );
-        assert!(budget.in_use() <= budget.bytes());
+        assert!(budget.in_use() > 0, "the stream held read-ahead");
+        drop(p);
+        assert_eq!(budget.in_use(), 0, "a closed handle keeps no budget");
     }
 
     #[tokio::test]
@@ -559,8 +606,9 @@ mod tests {
             for (h, p) in handles.iter_mut().enumerate() {
                 // Each handle streams its own region so they cannot share blocks.
                 p.plan_read((h as u64 * 32 + step) * BS, BS).await.unwrap();
-                assert!(budget.in_use() <= budget.bytes(), "budget overrun");
             }
+            let ahead: usize = handles.iter().map(|p| p.ahead_blocks()).sum();
+            assert!(ahead <= 6, "step {step}: {ahead} blocks ahead, budget 6");
         }
         let held: usize = handles.iter().map(|p| p.ahead_blocks()).sum();
         assert!(
@@ -592,7 +640,11 @@ mod tests {
         for (h, p) in idle.iter_mut().enumerate() {
             p.plan_read(h as u64 * 16 * BS, BS).await.unwrap();
         }
-        assert!(budget.in_use() <= budget.bytes());
+        assert_eq!(
+            budget.in_use(),
+            budget.bytes(),
+            "the idle handles hold the whole budget (the case under test)"
+        );
         // A ninth reader is not starved by them, and the bytes are right.
         let mut p = Prefetcher::new(store, cache, budget.clone(), obj, 4);
         for i in 0..16u64 {
@@ -602,12 +654,36 @@ mod tests {
                 .expect("a reader waited for budget held by idle handles")
                 .unwrap();
             assert_eq!(&got[..], &data[off as usize..(off + BS) as usize]);
-            assert!(budget.in_use() <= budget.bytes(), "budget overrun");
         }
         // The idle handles read again: taken-back blocks are fetched again, correctly.
         for (h, p) in idle.iter_mut().enumerate() {
             let off = h as u64 * 16 * BS + 100;
             let got = p.plan_read(off, 1000).await.unwrap();
+            assert_eq!(&got[..], &data[off as usize..off as usize + 1000]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_block_is_fetched_again_on_the_same_handle() {
+        let (dir, store, obj, data) = setup(64 * BS);
+        let cache = BlockCache::new(64 * BS, BS);
+        let budget = PrefetchBudget::new(32 * BS);
+        let mut p = Prefetcher::new(store, cache, budget, obj, 8);
+        // A stream is under way: blocks are held ahead and the current one is kept.
+        for i in 0..4 {
+            p.plan_read(i * BS, BS).await.unwrap();
+        }
+        // The object goes away: the reads fail (read-ahead and demand alike).
+        let saved = dir.path().join("saved");
+        std::fs::rename(dir.path().join("obj"), &saved).unwrap();
+        let far = 40 * BS;
+        assert!(p.plan_read(far, BS).await.is_err());
+        assert!(p.plan_read(far, BS).await.is_err(), "still gone");
+        // Back again: the very same handle reads the block that failed, and the stream
+        // goes on (before: the failed future stayed held and every read of it failed).
+        std::fs::rename(&saved, dir.path().join("obj")).unwrap();
+        for off in [far, far + 100, far + BS, 4 * BS] {
+            let got = p.plan_read(off, 1000).await.expect("recovered");
             assert_eq!(&got[..], &data[off as usize..off as usize + 1000]);
         }
     }
