@@ -606,3 +606,43 @@ fn parallel_streams_fetch_each_block_once_under_cache_pressure() {
     );
     assert!(m.stop().success());
 }
+
+#[test]
+fn a_directory_is_read_from_one_listing_per_open_handle() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let names: BTreeSet<String> = (0..3000).map(|i| format!("f{i:05}")).collect();
+    for n in &names {
+        emu.put_object(BUCKET, &format!("big/{n}"), Bytes::from_static(b"x"));
+    }
+    // TTL 0: before, every getdents page listed the directory again.
+    let m = mount_s3(&emu, "big", &["--metadata-ttl", "0"]);
+    let lists = emu.stats().lists;
+    let mut dir = std::fs::read_dir(m.path()).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen.push(dir.next().unwrap().unwrap().file_name());
+    }
+    // Objects appear while the directory is being read; names that sort first shift every
+    // later entry of a fresh listing by 500.
+    for i in 0..500 {
+        emu.put_object(BUCKET, &format!("big/a{i:04}"), Bytes::from_static(b"y"));
+    }
+    for e in dir {
+        seen.push(e.unwrap().file_name());
+    }
+    let listed = emu.stats().lists - lists;
+    let got: Vec<String> = seen.into_iter().map(|n| n.into_string().unwrap()).collect();
+    let unique: BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), unique.len(), "entries repeated");
+    assert_eq!(unique, names, "one open directory shows one listing");
+    assert!(
+        listed <= 3,
+        "{listed} LIST requests for 3,000 entries (pages of 1,000): the pages re-listed"
+    );
+    // A new open sees the objects that appeared.
+    assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 3500);
+    assert!(m.stop().success());
+}

@@ -9,6 +9,13 @@
 //! directories (`dir/` markers) and prefixes without markers are both directories; a key
 //! that is both a file and a prefix shows as the directory.
 //!
+//! Directory handles. `opendir` creates a handle; its first `readdir` takes the listing
+//! (from the cache, or one LIST) and every later page of that handle reads the same
+//! snapshot, so offsets stay meaningful however long the listing takes and whatever the
+//! TTL does meanwhile (before, each page indexed into whatever listing was cached then:
+//! entries were skipped or repeated when it changed, and with `--metadata-ttl 0` every page
+//! listed the directory again). A `readdir` at offset 0 (rewinddir) takes a new snapshot.
+//!
 //! Data. `open` creates a handle with its own [`Prefetcher`]; `read` plans under the
 //! handle's lock and awaits outside it.
 //!
@@ -64,6 +71,12 @@ struct OpenFile {
     prefetcher: Mutex<Prefetcher>,
 }
 
+/// An open directory: the listing its pages are read from, once its first page is asked.
+struct OpenDir {
+    ino: Ino,
+    snapshot: tokio::sync::Mutex<Option<Listing>>,
+}
+
 /// Called with (parent, name) of a path whose listing shows a new version.
 type ReplacedHook = Box<dyn Fn(Ino, &str) + Send + Sync>;
 
@@ -77,6 +90,7 @@ pub struct Fs {
     inodes: Mutex<InodeTable>,
     listings: Cache<Ino, Listing>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     on_replaced: OnceLock<ReplacedHook>,
 }
@@ -105,6 +119,7 @@ impl Fs {
             inodes: Mutex::new(InodeTable::new()),
             listings,
             handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             on_replaced: OnceLock::new(),
         }
@@ -219,6 +234,46 @@ impl Fs {
         Ok(Arc::new(entries))
     }
 
+    /// Opens directory `ino` for reading its entries; returns the handle id.
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        if self.node(ino)?.kind != Kind::Dir {
+            return Err(Error::errno(libc::ENOTDIR));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let dir = Arc::new(OpenDir {
+            ino,
+            snapshot: Default::default(),
+        });
+        self.dirs.lock().expect("dir lock").insert(fh, dir);
+        Ok(fh)
+    }
+
+    /// The listing a page at `offset` of directory handle `fh` is read from: the handle's
+    /// snapshot, taken at its first page and again at offset 0 (rewinddir).
+    pub async fn readdir_handle(&self, fh: u64, offset: u64) -> Result<Listing> {
+        let dir = self
+            .dirs
+            .lock()
+            .expect("dir lock")
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| Error::errno(libc::EBADF))?;
+        let mut snapshot = dir.snapshot.lock().await;
+        match snapshot.as_ref() {
+            Some(listing) if offset > 0 => Ok(listing.clone()),
+            _ => {
+                let listing = self.readdir(dir.ino).await?;
+                *snapshot = Some(listing.clone());
+                Ok(listing)
+            }
+        }
+    }
+
+    /// Closes a directory handle and drops its snapshot.
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().expect("dir lock").remove(&fh);
+    }
+
     /// Finds `name` in directory `parent` from its listing; no HEAD request.
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Arc<Node>> {
         let listing = self.readdir(parent).await?;
@@ -284,5 +339,87 @@ impl Fs {
     /// Closes a handle; its read-ahead is cancelled.
     pub fn release(&self, fh: u64) {
         self.handles.lock().expect("handle lock").remove(&fh);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SourceUrl, StoreConfig};
+
+    /// The file system over a real store on a temp directory (OpenDAL fs), without FUSE.
+    fn fs_over(dir: &std::path::Path, ttl: Duration) -> Fs {
+        let url = SourceUrl::parse(&format!("file://{}", dir.display())).unwrap();
+        let store = Store::new(&StoreConfig::new(url, None, None), Vec::new()).unwrap();
+        let config = FsConfig {
+            metadata_ttl: ttl,
+            max_prefetch_window: 1 << 20,
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+        };
+        Fs::new(
+            store,
+            BlockCache::new(4 << 20, 1 << 20),
+            PrefetchBudget::new(4 << 20),
+            config,
+        )
+    }
+
+    #[tokio::test]
+    async fn an_open_directory_keeps_its_listing_and_rewinddir_takes_a_new_one() {
+        let d = tempfile::tempdir().unwrap();
+        for n in ["b", "c"] {
+            std::fs::write(d.path().join(n), n).unwrap();
+        }
+        let fs = fs_over(d.path(), Duration::ZERO);
+        let fh = fs.opendir(ROOT_INO).unwrap();
+        let names = |l: &Listing| l.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&fs.readdir_handle(fh, 0).await.unwrap()), ["b", "c"]);
+        std::fs::write(d.path().join("a"), "a").unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await; // past the TTL
+        assert_eq!(
+            names(&fs.readdir_handle(fh, 2).await.unwrap()),
+            ["b", "c"],
+            "a later page reads the handle's snapshot"
+        );
+        assert_eq!(
+            names(&fs.readdir_handle(fh, 0).await.unwrap()),
+            ["a", "b", "c"],
+            "offset 0 (rewinddir) lists again"
+        );
+        fs.releasedir(fh);
+        let err = fs.readdir_handle(fh, 1).await.unwrap_err();
+        assert_eq!(err.to_errno(), libc::EBADF);
+        let file = fs.lookup(ROOT_INO, "a").await.unwrap();
+        assert_eq!(fs.opendir(file.ino).unwrap_err().to_errno(), libc::ENOTDIR);
+    }
+
+    #[tokio::test]
+    async fn lookups_open_reads_and_release() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/f"), b"hello world").unwrap();
+        let fs = fs_over(d.path(), Duration::from_secs(60));
+        let sub = fs.lookup(ROOT_INO, "sub").await.unwrap();
+        assert_eq!(sub.kind, Kind::Dir);
+        assert_eq!(
+            fs.lookup(ROOT_INO, "nope").await.unwrap_err().to_errno(),
+            libc::ENOENT
+        );
+        let f = fs.lookup(sub.ino, "f").await.unwrap();
+        assert_eq!((f.kind, f.size, f.key.as_str()), (Kind::File, 11, "sub/f"));
+        assert_eq!(
+            fs.lookup(sub.ino, "f").await.unwrap().ino,
+            f.ino,
+            "same version, same inode"
+        );
+        assert_eq!(fs.open(sub.ino).unwrap_err().to_errno(), libc::EISDIR);
+        let fh = fs.open(f.ino).unwrap();
+        assert_eq!(&fs.read(fh, 6, 100).await.unwrap()[..], b"world");
+        assert!(fs.read(fh, 11, 10).await.unwrap().is_empty(), "at EOF");
+        fs.release(fh);
+        assert_eq!(fs.read(fh, 0, 1).await.unwrap_err().to_errno(), libc::EBADF);
     }
 }
