@@ -28,6 +28,16 @@ pub enum Error {
     #[error("cannot reach {endpoint}: {reason}")]
     Unreachable { endpoint: String, reason: String },
 
+    /// The endpoint answered a LIST with something that is not an S3/OSS listing.
+    #[error(
+        "{endpoint} did not answer like an object store: a LIST of the bucket returned {got}; check the endpoint URL and port (a web server, proxy or captive portal answers like this)"
+    )]
+    NotAStore { endpoint: String, got: String },
+
+    /// Nothing is stored under the source prefix (a typo, or not uploaded yet).
+    #[error("nothing is stored under {source_url}: check the bucket and prefix; {allow}")]
+    EmptySource { source_url: String, allow: String },
+
     #[error("object {key:?}: expected {expected} bytes at offset {offset}, store returned {got}")]
     ShortRead {
         key: String,
@@ -124,6 +134,8 @@ impl Error {
             | Error::InvalidOption(_)
             | Error::BucketNotFound { .. }
             | Error::DirectoryNotFound(_)
+            | Error::NotAStore { .. }
+            | Error::EmptySource { .. }
             | Error::AccessDenied { .. }
             | Error::ChecksumMismatch { .. }
             | Error::NoSpace { .. }

@@ -349,6 +349,10 @@ struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = parse_fuse_threads)]
     fuse_threads: usize,
+    /// Mount even if nothing is stored under the source yet. Without it an empty prefix
+    /// is refused, since it is usually a typo in the bucket or prefix.
+    #[arg(long)]
+    allow_empty: bool,
     /// Return once the mount is ready and keep serving in the background (like mount-s3).
     /// Without it fillfs stays in the foreground and unmounts on SIGINT/SIGTERM.
     #[arg(long)]
@@ -560,6 +564,7 @@ fn mount(a: MountArgs) -> Result<()> {
         gid: a.gid.unwrap_or_else(|| nix::unistd::getgid().as_raw()),
         fuse_threads: a.fuse_threads,
         kernel_read_ahead: a.kernel_read_ahead,
+        allow_empty: a.allow_empty,
     };
     fillfs::mount::split_cache_size(opts.cache_size, opts.block_size)?;
     if a.daemon {

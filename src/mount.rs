@@ -31,6 +31,8 @@ pub struct MountOptions {
     pub fuse_threads: usize,
     /// Kernel read-ahead per file, bytes (0 = kernel default).
     pub kernel_read_ahead: u64,
+    /// Mount a source with nothing under it (else refused as a likely typo).
+    pub allow_empty: bool,
 }
 
 /// How `--cache-size` is spent: half for the block cache, half for read-ahead not yet
@@ -75,7 +77,13 @@ pub fn run(opts: &MountOptions, on_mounted: impl FnOnce()) -> Result<()> {
         .build()?;
     let fs = rt.block_on(async {
         let fs = build_fs(opts)?;
-        fs.store().preflight().await?;
+        let found = fs.store().preflight().await?;
+        if found.empty && !opts.allow_empty {
+            return Err(Error::EmptySource {
+                source_url: opts.store.source.to_string(),
+                allow: "pass --allow-empty to mount it anyway".into(),
+            });
+        }
         Ok::<_, Error>(fs)
     })?;
     tracing::info!(

@@ -523,7 +523,38 @@ fn bad_requests_are_refused_with_a_reason() {
     );
     assert!(!p.log().contains(SECRET_KEY), "a secret reached the log");
 
+    // An endpoint that answers 200 with a web page is not an object store.
+    let portal = [
+        ("url", format!("s3://{BUCKET}/x/")),
+        ("endpoint", html_server()),
+        ("region", "us-east-1".into()),
+    ];
+    let e = p.publish("v", &t, &ctx(&portal, &[])).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("did not answer like an object store")
+            && e.message().contains("text/html"),
+        "{e:?}"
+    );
+    // A prefix with nothing under it (a typo) is refused unless allowed.
+    let e = p.publish("v", &t, &ctx(&vol, &[])).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message()
+            .contains("nothing is stored under s3://test-bucket/x/")
+            && e.message().contains("allowEmpty"),
+        "{e:?}"
+    );
+    let e = p
+        .publish("v", &t, &ctx(&vol, &[("allowEmpty", "yes")]))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
     assert_eq!(mounts_at(&t), 0, "a refused publish mounts nothing");
+    p.publish("v", &t, &ctx(&vol, &[("allowEmpty", "true")]))
+        .expect("an empty prefix, allowed");
+    assert_eq!(mounts_at(&t), 1);
+    p.unpublish("v", &t).unwrap();
 }
 
 #[test]

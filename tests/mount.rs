@@ -466,6 +466,26 @@ fn bad_sources_fail_before_mounting_with_a_clear_error() {
 
     let (err, _) = mount_fails(&["gs://bucket/x"], &[]);
     assert!(err.contains("unsupported scheme"), "{err}");
+
+    // A web page where the store should be (a captive portal, the wrong port).
+    let (err, _) = mount_fails(
+        &[&format!("s3://{BUCKET}/"), "--endpoint", &html_server()],
+        &creds,
+    );
+    assert!(
+        err.contains("did not answer like an object store") && err.contains("text/html"),
+        "{err}"
+    );
+    // A prefix with nothing under it: a typo, unless --allow-empty says otherwise.
+    let typo = format!("s3://{BUCKET}/no-such-prefix/");
+    let (err, _) = mount_fails(&[&typo, "--endpoint", &ep], &creds);
+    assert!(
+        err.contains("nothing is stored under") && err.contains("--allow-empty"),
+        "{err}"
+    );
+    let m = mount_s3(&emu, "no-such-prefix/", &["--allow-empty"]);
+    assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 0);
+    assert!(m.stop().success());
 }
 
 #[test]

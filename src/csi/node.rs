@@ -217,7 +217,14 @@ impl NodePlugin {
         limiters.extend(self.node_limiters.iter().cloned());
         let store = Store::new(&store_cfg, limiters)?;
         match store.preflight().await {
-            Ok(()) => {}
+            Ok(found) if found.empty && !spec.allow_empty => {
+                return Err(Error::EmptySource {
+                    source_url: store_cfg.source.to_string(),
+                    allow: "set volumeAttributes allowEmpty: \"true\" to mount it anyway".into(),
+                }
+                .into());
+            }
+            Ok(_) => {}
             // Unclassified with RRSA is almost always the STS exchange, of which OpenDAL
             // only says it could not sign. Say what to check (never the token).
             Err(Error::Store(e)) if token_file.is_some() => {

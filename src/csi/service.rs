@@ -45,9 +45,10 @@ impl From<CsiError> for Status {
                     Error::InvalidSource { .. } | Error::InvalidOption(_) => {
                         Status::invalid_argument(msg)
                     }
-                    Error::BucketNotFound { .. } | Error::DirectoryNotFound(_) => {
-                        Status::not_found(msg)
-                    }
+                    Error::BucketNotFound { .. }
+                    | Error::DirectoryNotFound(_)
+                    | Error::EmptySource { .. } => Status::not_found(msg),
+                    Error::NotAStore { .. } => Status::failed_precondition(msg),
                     Error::AccessDenied { .. } => Status::permission_denied(msg),
                     Error::Unreachable { .. } => Status::unavailable(msg),
                     _ => Status::internal(msg),

@@ -50,6 +50,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("metadataTTL", "how long listings are trusted, e.g. 60s"),
     (
+        "allowEmpty",
+        "\"true\": mount even if nothing is stored under the source (else refused as a likely typo)",
+    ),
+    (
         "roleArn",
         "RRSA: the RAM role to assume with the pod's token",
     ),
@@ -90,6 +94,8 @@ pub struct VolumeSpec {
     /// `namespace/name` of the pod, when kubelet passes pod info (CSIDriver
     /// `podInfoOnMount`); for logs only.
     pub pod: Option<String>,
+    /// Mount even if nothing is stored under the source (`allowEmpty: "true"`).
+    pub allow_empty: bool,
 }
 
 /// Why a `file://` source is refused. Deliberately without the path: the answer must not
@@ -161,6 +167,11 @@ pub fn parse(
         None => 0.0,
         Some(t) => crate::options::throughput_mib(&t)?,
     };
+    let allow_empty = match get("allowEmpty").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("allowEmpty {other:?} is not \"true\" or \"false\"")),
+    };
     let metadata_ttl = match get("metadataTTL") {
         None => None,
         Some(t) => Some(crate::options::ttl(&t).map_err(|e| format!("metadataTTL: {e}"))?),
@@ -201,6 +212,7 @@ pub fn parse(
         rrsa_token,
         attributes,
         pod,
+        allow_empty,
     })
 }
 

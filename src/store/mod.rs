@@ -138,6 +138,13 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// What the preflight found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preflight {
+    /// Nothing is stored under the source prefix (no object, no sub-prefix).
+    pub empty: bool,
+}
+
 impl Store {
     /// Builds the store. `limiters` are all applied to every byte read (e.g. the mount's own
     /// cap and the node-wide cap); pass an empty vec for no limit.
@@ -194,13 +201,17 @@ impl Store {
     }
 
     /// Checks, before anything is mounted or written, that the bucket (or directory)
-    /// exists, the credentials are accepted and the endpoint answers. One LIST of at most
-    /// one key; no retries, so an unreachable endpoint fails in seconds.
-    pub async fn preflight(&self) -> Result<()> {
+    /// exists, the credentials are accepted and the endpoint answers as an object store,
+    /// and tells whether the prefix holds anything. Two LISTs of at most one key (OpenDAL's,
+    /// whose errors say most, then [`multipart::Client::probe_listing`], which checks the
+    /// answer's shape); no retries, so an unreachable endpoint fails in seconds.
+    pub async fn preflight(&self) -> Result<Preflight> {
         if self.source.scheme == Scheme::File {
             let dir = &self.source.prefix;
-            return match std::fs::metadata(dir) {
-                Ok(m) if m.is_dir() => Ok(()),
+            return match std::fs::read_dir(dir) {
+                Ok(mut entries) => Ok(Preflight {
+                    empty: entries.next().is_none(),
+                }),
                 _ => Err(Error::DirectoryNotFound(dir.clone())),
             };
         }
@@ -209,10 +220,13 @@ impl Store {
             lister.try_next().await
         }
         .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.explain(e)),
+        if let Err(e) = res {
+            return Err(self.explain(e));
         }
+        // OpenDAL took the answer for a listing; make sure it was one (an HTML page is an
+        // empty listing to it), and learn whether the prefix holds anything.
+        let any = self.multipart()?.probe_listing().await?;
+        Ok(Preflight { empty: !any })
     }
 
     /// Turns an OpenDAL error of a preflight into one a user can act on.

@@ -1,5 +1,6 @@
 //! The multipart-upload protocol of S3 and OSS, spoken directly: initiate, upload a part,
-//! list an upload's parts, list a key's open uploads, complete, abort.
+//! list an upload's parts, list a key's open uploads, complete, abort; and the preflight's
+//! probe, a LIST of one key whose answer must be an S3/OSS listing ([`Client::probe_listing`]).
 //!
 //! OpenDAL's writer uploads multipart too, but keeps the upload id and parts to itself, so
 //! an upload cannot be resumed after a crash, confirmed with ListParts, or found and aborted
@@ -499,6 +500,48 @@ impl Client {
         Ok(out)
     }
 
+    /// One LIST of at most one key under the root (ListObjectsV2, which OSS speaks too), to
+    /// tell a real S3/OSS answer from anything else that says 200: a captive portal, a web
+    /// server on the wrong port, a proxy's page. OpenDAL takes such a page for an empty
+    /// listing. Returns whether anything is under the root.
+    pub async fn probe_listing(&self) -> Result<bool> {
+        let q = [
+            ("list-type", "2"),
+            ("max-keys", "1"),
+            ("prefix", self.root.as_str()),
+        ];
+        let url = self.url_bucket(&q);
+        let resp = self
+            .send(
+                "LIST",
+                &self.root,
+                Method::GET,
+                url,
+                &[],
+                Bytes::new().into(),
+            )
+            .await?;
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type")
+            .to_string();
+        let text = body(resp).await?;
+        listing_has_entries(&text).ok_or_else(|| Error::NotAStore {
+            endpoint: self.base.clone(),
+            got: format!(
+                "{content_type}: {:?}",
+                text.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(120)
+                    .collect::<String>()
+            ),
+        })
+    }
+
     /// Completes an upload from its parts (number, ETag as the store answered it), in order.
     /// Returns the object's ETag.
     pub async fn complete(
@@ -585,6 +628,39 @@ fn query_string(query: &[(&str, &str)]) -> String {
         }
     }
     q
+}
+
+/// Whether an answer to a LIST is an S3/OSS listing (`None` if not) and names anything.
+fn listing_has_entries(text: &str) -> Option<bool> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Listing {
+        #[serde(rename = "$value", default)]
+        fields: Vec<Field>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    enum Field {
+        Contents(serde::de::IgnoredAny),
+        CommonPrefixes(serde::de::IgnoredAny),
+        #[serde(other)]
+        Other,
+    }
+    // quick-xml does not check the root element's name; a listing's is ListBucketResult.
+    let body = text.trim_start();
+    let body = match body.strip_prefix("<?xml") {
+        Some(rest) => rest.split_once("?>")?.1.trim_start(),
+        None => body,
+    };
+    if !body.starts_with("<ListBucketResult") {
+        return None;
+    }
+    let l: Listing = quick_xml::de::from_str(body).ok()?;
+    Some(
+        l.fields
+            .iter()
+            .any(|f| matches!(f, Field::Contents(_) | Field::CommonPrefixes(_))),
+    )
 }
 
 /// A listing that says it goes on but not where: never taken as complete.
@@ -692,6 +768,27 @@ mod tests {
         );
         assert!(!Client::key_is_addressable("a/../b"));
         assert!(Client::key_is_addressable("a/..b/c."));
+    }
+
+    #[test]
+    fn only_a_listing_is_taken_for_one() {
+        let empty = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>0</KeyCount><MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+        let one = r#"<ListBucketResult><Name>b</Name><Contents><Key>p/a</Key><Size>1</Size></Contents><IsTruncated>true</IsTruncated></ListBucketResult>"#;
+        let dir = r#"<ListBucketResult><Name>b</Name><CommonPrefixes><Prefix>p/d/</Prefix></CommonPrefixes></ListBucketResult>"#;
+        assert_eq!(listing_has_entries(empty), Some(false));
+        assert_eq!(listing_has_entries(one), Some(true));
+        assert_eq!(listing_has_entries(dir), Some(true));
+        for not in [
+            "<!DOCTYPE html><html><body>Welcome to nginx!</body></html>",
+            "<html><head><title>Login</title></head></html>",
+            r#"{"ok": true}"#,
+            "",
+            "<?xml version=\"1.0\"?><Error><Code>X</Code></Error>",
+            "<ListBucketResult",
+        ] {
+            assert_eq!(listing_has_entries(not), None, "{not}");
+        }
     }
 
     #[test]

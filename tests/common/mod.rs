@@ -285,3 +285,34 @@ pub fn unix_channel(
             .await
     })
 }
+
+/// An HTTP server on loopback that answers every request with `200 OK` and an HTML page,
+/// as a captive portal or a web server on the wrong port does. Returns its endpoint URL;
+/// it serves until the test process ends.
+pub fn html_server() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                // The request head; a body (none here) is not read.
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        let page = "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Welcome</body></html>";
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\n\r\n{page}",
+                            page.len()
+                        );
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
