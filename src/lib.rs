@@ -18,6 +18,7 @@ pub mod fuse;
 pub mod grpc_uds;
 pub mod limit;
 pub mod mount;
+pub mod mountinfo;
 pub mod options;
 pub mod populate;
 pub mod prefetch;

@@ -204,7 +204,8 @@ struct CsiArgs {
     /// Kernel read-ahead per volume (0 = kernel default).
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_read_ahead)]
     kernel_read_ahead: u64,
-    /// kubelet's root directory: stale fillfs mounts under it are cleared at start.
+    /// kubelet's root directory: volumes are only published below it, and stale fillfs
+    /// mounts under it are cleared at start.
     #[arg(long, default_value = "/var/lib/kubelet")]
     kubelet_dir: PathBuf,
     /// Private state (RRSA token files, mode 0600). A tmpfs is best.
@@ -608,8 +609,8 @@ fn csi(a: CsiArgs) -> Result<()> {
     let opts = fillfs::csi::CsiOptions {
         endpoint: a.endpoint,
         driver_name: a.driver_name,
-        kubelet_dir: a.kubelet_dir,
         node: fillfs::csi::NodeOptions {
+            kubelet_dir: a.kubelet_dir,
             node_id: a.node_id,
             node_throughput_mib: a.node_throughput,
             cache_size: a.cache_size,

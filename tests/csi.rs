@@ -47,14 +47,16 @@ impl Plugin {
             .append(true)
             .open(dir.path().join("plugin.log"))
             .expect("log");
-        let child = fillfs()
-            .arg("csi")
+        let mut cmd = fillfs();
+        cmd.arg("csi")
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--node-id")
-            .arg("node-1")
-            .arg("--kubelet-dir")
-            .arg(dir.path().join("kubelet"))
+            .arg("node-1");
+        if !extra.contains(&"--kubelet-dir") {
+            cmd.arg("--kubelet-dir").arg(dir.path().join("kubelet"));
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .args(extra)
@@ -136,7 +138,7 @@ impl Drop for Plugin {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for m in fillfs::csi::mounts::mount_table() {
+        for m in fillfs::mountinfo::table() {
             if m.mount_point.starts_with(self.dir.path()) {
                 let _ = fillfs::csi::mounts::detach(&m.mount_point);
             }
@@ -203,7 +205,7 @@ fn put_files(emu: &Emulator, prefix: &str, count: u64, size: u64, seed0: u64) {
 }
 
 fn mounts_at(path: &Path) -> usize {
-    fillfs::csi::mounts::mount_table()
+    fillfs::mountinfo::table()
         .iter()
         .filter(|m| m.mount_point == path)
         .count()
@@ -550,11 +552,138 @@ fn bad_requests_are_refused_with_a_reason() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
+    // Target paths kubelet never gives: outside its directory, the directory itself, a
+    // directory with something in it, a file.
+    let kubelet = p.dir.path().join("kubelet");
+    let outside = tempfile::tempdir().unwrap();
+    let full = p.target("pod-full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let file = p.target("pod-file");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"").unwrap();
+    for (target, why) in [
+        (
+            outside.path().to_path_buf(),
+            "not below the kubelet directory",
+        ),
+        (kubelet.clone(), "not below the kubelet directory"),
+        (PathBuf::from("/etc"), "not below the kubelet directory"),
+        (full.clone(), "not empty"),
+        (file.clone(), "not a directory"),
+    ] {
+        let e = p
+            .publish("v", &target, &ctx(&vol, &[("allowEmpty", "true")]))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{target:?}: {e:?}");
+        assert!(e.message().contains(why), "{target:?}: {e:?}");
+        assert_eq!(mounts_at(&target), 0);
+    }
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    let e = p.unpublish("v", outside.path()).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        outside.path().exists(),
+        "unpublish removed a directory outside"
+    );
+
     assert_eq!(mounts_at(&t), 0, "a refused publish mounts nothing");
     p.publish("v", &t, &ctx(&vol, &[("allowEmpty", "true")]))
         .expect("an empty prefix, allowed");
     assert_eq!(mounts_at(&t), 1);
     p.unpublish("v", &t).unwrap();
+}
+
+/// A `fillfs mount` process stopped with SIGSTOP: its mount is in the table and never
+/// answers. Killed on drop (a stopped process dies of SIGKILL), which ends the mount.
+struct FrozenMount(Child);
+
+impl FrozenMount {
+    fn at(target: &Path) -> FrozenMount {
+        let src = tempfile::tempdir().unwrap().keep();
+        std::fs::write(src.join("f"), b"x").unwrap();
+        std::fs::create_dir_all(target).unwrap();
+        let child = fillfs()
+            .arg("mount")
+            .arg(format!("file://{}", src.display()))
+            .arg(target)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(target) {
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+        FrozenMount(child)
+    }
+}
+
+impl Drop for FrozenMount {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_mount_that_does_not_answer_holds_up_neither_start_up_nor_other_volumes() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "ok/", 1, MIB, 90);
+    let dir = tempfile::tempdir().unwrap();
+    let frozen_target = dir
+        .path()
+        .join("kubelet/pods/old/volumes/kubernetes.io~csi/data/mount");
+    let frozen = FrozenMount::at(&frozen_target);
+
+    // Before: the start-up cleanup stat'ed the frozen mount with no timeout, before
+    // binding the socket, and the socket never came up.
+    let started = Instant::now();
+    let p = Plugin::start_in(dir, &[]);
+    let up = started.elapsed();
+    assert!(up < Duration::from_secs(4), "socket up after {up:?}");
+    // Other volumes are published while the frozen one is still being looked at.
+    let t = p.target("pod-new");
+    let vol = s3_volume(&emu, "ok/");
+    let t0 = Instant::now();
+    p.publish("vol-new", &t, &ctx(&vol, &[])).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "publish took {:?}",
+        t0.elapsed()
+    );
+    verify_stream(&t.join("f0.bin"), 90, MIB);
+
+    // The frozen mount is ended after the probe's timeout: detached, not waited on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while is_mounted(&frozen_target) {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen mount is still there:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(p.log().contains("did not answer"), "{}", p.log());
+    // The connection was aborted, not only detached: the requests waiting on the stopped
+    // server fail, so the probe's thread is released.
+    assert!(
+        p.log().contains("cleared a mount left by a previous run")
+            && !p.log().contains("could not abort"),
+        "{}",
+        p.log()
+    );
+    drop(frozen);
+    p.unpublish("vol-new", &t).unwrap();
 }
 
 #[test]
@@ -580,12 +709,17 @@ fn restart_clears_mounts_left_behind() {
     );
 
     let p2 = Plugin::start_in(dir, &[]);
-    assert_eq!(
-        mounts_at(&t1) + mounts_at(&t2),
-        0,
-        "stale mounts cleared at start:\n{}",
-        p2.log()
-    );
+    // Cleared in the background once the socket is up (within a second: they answer
+    // ENOTCONN at once).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while mounts_at(&t1) + mounts_at(&t2) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "stale mounts not cleared at start:\n{}",
+            p2.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         p2.log().contains("cleared a mount left by a previous run"),
         "{}",
@@ -723,7 +857,8 @@ fn unpublish_leaves_a_live_mount_of_another_process_alone() {
         .unwrap();
     // A second plugin (e.g. a new one started before the old one stopped) is asked to
     // unpublish a path it does not serve, whose server is alive.
-    let other = Plugin::start(&[]);
+    let kubelet = owner.dir.path().join("kubelet");
+    let other = Plugin::start(&["--kubelet-dir", kubelet.to_str().unwrap()]);
     let e = other.unpublish("vol-live", &t).unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("another process"), "{e:?}");

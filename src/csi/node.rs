@@ -64,6 +64,9 @@ pub struct NodeOptions {
     pub kernel_read_ahead: u64,
     /// Where per-volume files live (RRSA token files, mode 0600).
     pub state_dir: PathBuf,
+    /// kubelet's root directory: every target path must be below it. Stale fillfs mounts
+    /// under it are cleared at start.
+    pub kubelet_dir: PathBuf,
 }
 
 /// A volume mounted at a target path.
@@ -143,6 +146,21 @@ impl NodePlugin {
         }
     }
 
+    /// A target path kubelet may give: strictly below `--kubelet-dir` (compared as written;
+    /// callers refuse `..` first). Anything else would mount over, or remove, a directory
+    /// of the node that no pod owns.
+    fn confined(&self, target: &Path) -> Result<(), CsiError> {
+        let root = &self.opts.kubelet_dir;
+        if target.starts_with(root) && target != root.as_path() {
+            return Ok(());
+        }
+        Err(CsiError::InvalidArgument(format!(
+            "target_path {} is not below the kubelet directory {} (--kubelet-dir)",
+            target.display(),
+            root.display()
+        )))
+    }
+
     /// Mounts `spec` at `target` (an absolute path), or confirms it is already there.
     pub async fn publish(
         &self,
@@ -150,6 +168,7 @@ impl NodePlugin {
         target: &Path,
         spec: VolumeSpec,
     ) -> Result<(), CsiError> {
+        self.confined(target)?;
         let slot = self.slot(target);
         let result = {
             let mut guard = slot.lock().await;
@@ -190,6 +209,28 @@ impl NodePlugin {
             *slot = None;
         }
         self.clear_foreign_mount(target).await?;
+        // kubelet hands over a missing or empty directory; mounting over anything else
+        // would hide what is there (and is no path kubelet makes).
+        match std::fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => {
+                let empty = std::fs::read_dir(target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+                if !empty {
+                    return Err(CsiError::InvalidArgument(format!(
+                        "target_path {} is not empty; refusing to mount over its contents",
+                        target.display()
+                    )));
+                }
+            }
+            Ok(_) => {
+                return Err(CsiError::InvalidArgument(format!(
+                    "target_path {} exists and is not a directory",
+                    target.display()
+                )));
+            }
+            Err(_) => {}
+        }
         // Everything made from here on is undone if the publish fails.
         let mut undo = Undo::default();
         if !target.exists() {
@@ -301,33 +342,81 @@ impl NodePlugin {
         }
     }
 
-    /// The one rule for a mount at `target` that no slot of ours holds: detached if it is
-    /// a fillfs mount whose server is gone, left alone otherwise.
+    /// The one rule for a mount at `target` that no slot of ours holds: a fillfs mount
+    /// whose server is gone is detached, one that does not answer within
+    /// [`mounts::PROBE_TIMEOUT`] is ended (connection aborted, detached); anything else is
+    /// left alone.
     async fn clear_dead_mount(&self, target: &Path) -> Foreign {
-        let Some(m) = mounts::mounted_at(target) else {
+        let Some(m) = crate::mountinfo::mounted_at(target) else {
             return Foreign::None;
         };
         if !m.is_fillfs() {
             return Foreign::Live(m);
         }
-        let t = target.to_path_buf();
-        let dead = tokio::task::spawn_blocking(move || mounts::is_disconnected(&t))
-            .await
-            .unwrap_or(false);
-        if !dead {
-            return Foreign::Live(m);
-        }
-        match mounts::detach(target) {
+        let cleared = match mounts::probe(target, mounts::PROBE_TIMEOUT).await {
+            mounts::Probe::Answers => return Foreign::Live(m),
+            mounts::Probe::Disconnected => mounts::detach(target),
+            mounts::Probe::Frozen => {
+                tracing::warn!(target = %target.display(), source = %m.source, timeout_s = mounts::PROBE_TIMEOUT.as_secs(), "a fillfs mount did not answer; ending it");
+                mounts::end_frozen(&m)
+            }
+        };
+        match cleared {
             Ok(()) => {
-                tracing::info!(target = %target.display(), "cleared a mount left by a previous run");
+                tracing::info!(target = %target.display(), source = %m.source, "cleared a mount left by a previous run");
                 Foreign::Cleared
             }
             Err(e) => Foreign::Failed(e),
         }
     }
 
+    /// Start-up: every fillfs mount under `root` that no slot holds goes through
+    /// [`clear_dead_mount`](Self::clear_dead_mount), all at once (a frozen one costs its
+    /// timeout, not everyone's), each under its target's lock so a publish of the same
+    /// path waits for it. Runs while the plugin already serves. Returns how many were
+    /// cleared.
+    pub async fn clear_stale_under(&self, root: &Path) -> usize {
+        let stale: Vec<_> = crate::mountinfo::table()
+            .into_iter()
+            .filter(|m| m.is_fillfs() && m.mount_point.starts_with(root))
+            .map(|m| m.mount_point)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let each = stale.iter().map(|target| async move {
+            let slot = self.slot(target);
+            let outcome = {
+                let guard = slot.lock().await;
+                if guard.is_some() {
+                    None // published by this process meanwhile
+                } else {
+                    Some(self.clear_dead_mount(target).await)
+                }
+            };
+            self.forget_slot(target, slot);
+            match outcome {
+                Some(Foreign::Cleared) => true,
+                Some(Foreign::Live(m)) => {
+                    tracing::warn!(mountpoint = %target.display(), source = %m.source, "a fillfs mount served by another process; left alone");
+                    false
+                }
+                Some(Foreign::Failed(e)) => {
+                    tracing::error!(mountpoint = %target.display(), error = %e, "could not clear a stale mount");
+                    false
+                }
+                Some(Foreign::None) | None => false,
+            }
+        });
+        futures::future::join_all(each)
+            .await
+            .into_iter()
+            .filter(|c| *c)
+            .count()
+    }
+
     /// Unmounts `target` and removes the directory. Succeeds if nothing is there.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        self.confined(target)?;
         let slot = self.slot(target);
         let result = {
             let mut guard = slot.lock().await;
@@ -436,7 +525,7 @@ enum Foreign {
     /// A fillfs mount whose server was gone, now detached.
     Cleared,
     /// Served by someone (another process, or not fillfs at all).
-    Live(mounts::MountEntry),
+    Live(crate::mountinfo::MountEntry),
     Failed(std::io::Error),
 }
 

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::mounts;
 use super::node::{CsiError, NodeOptions, NodePlugin};
 use super::proto::identity_server::{Identity, IdentityServer};
 use super::proto::node_server::{Node, NodeServer};
@@ -26,8 +25,6 @@ pub struct CsiOptions {
     pub endpoint: String,
     /// The name GetPluginInfo answers (must equal the CSIDriver object's name).
     pub driver_name: String,
-    /// Mounts of fillfs under this directory that a previous run left are cleared at start.
-    pub kubelet_dir: PathBuf,
     pub node: NodeOptions,
 }
 
@@ -246,9 +243,12 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, Error> {
     Ok(PathBuf::from(path))
 }
 
-/// Clears stale mounts, binds the socket, calls `on_ready`, and serves until `shutdown`
-/// completes. Mounts are left in place on shutdown: a plugin restart must not pull
-/// volumes from running pods that a new process cannot take over anyway.
+/// Binds the socket, calls `on_ready`, clears stale mounts in the background, and serves
+/// until `shutdown` completes. The socket comes first: a mount left behind that does not
+/// answer must not keep the node's every volume down (before, the start-up cleanup waited
+/// on such a mount for ever and the socket never came up). Mounts are left in place on
+/// shutdown: a plugin restart must not pull volumes from running pods that a new process
+/// cannot take over anyway.
 pub async fn serve(
     opts: CsiOptions,
     on_ready: impl FnOnce(),
@@ -256,18 +256,6 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let socket = socket_path(&opts.endpoint)?;
     check_driver_name(&opts.driver_name)?;
-    let cleared = tokio::task::spawn_blocking({
-        let dir = opts.kubelet_dir.clone();
-        move || mounts::clear_stale_under(&dir)
-    })
-    .await
-    .unwrap_or_default();
-    if !cleared.is_empty() {
-        tracing::info!(
-            count = cleared.len(),
-            "cleared mounts left by a previous run"
-        );
-    }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -295,6 +283,15 @@ pub async fn serve(
         "CSI node plugin serving"
     );
     on_ready();
+    tokio::spawn({
+        let (plugin, dir) = (plugin.clone(), opts.node.kubelet_dir.clone());
+        async move {
+            let cleared = plugin.clear_stale_under(&dir).await;
+            if cleared > 0 {
+                tracing::info!(count = cleared, "cleared mounts left by a previous run");
+            }
+        }
+    });
     let result = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService {
             driver_name: opts.driver_name.clone(),

@@ -448,14 +448,10 @@ fn tune_bdi_readahead(mountpoint: &Path, bytes: u64) {
     let target = mountpoint
         .canonicalize()
         .unwrap_or_else(|_| mountpoint.to_path_buf());
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let Some(dev) = mountinfo.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(4).map(Path::new) == Some(target.as_path())).then(|| f[2].to_string())
-    }) else {
+    let Some((major, minor)) = crate::mountinfo::mounted_at(&target).map(|m| m.device) else {
         return;
     };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     match std::fs::write(&path, (bytes / 1024).to_string()) {
         Ok(()) => tracing::debug!(%path, kib = bytes / 1024, "set kernel read-ahead"),
         Err(e) => tracing::debug!(%path, error = %e, "could not raise kernel read-ahead"),

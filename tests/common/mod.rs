@@ -156,12 +156,20 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether something is mounted at `path`, from the mount table (fillfs's own parser).
+/// Only the parent is resolved: a stat of the mount point itself would wait on a mount
+/// that does not answer.
 pub fn is_mounted(path: &Path) -> bool {
-    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some(canon.to_str().unwrap_or("")))
+    let canon = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    };
+    fillfs::mountinfo::table()
+        .iter()
+        .any(|m| m.mount_point == canon)
 }
 
 pub fn fillfs() -> Command {
