@@ -416,8 +416,13 @@ fn parse_retries(s: &str) -> std::result::Result<usize, String> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // fuser warns when it finds a mount already gone, which is how every unmount ends.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // When a session ends after our own unmount, fuser unmounts once more and warns
+        // "Unmount failed: EINVAL" (the path is no longer a mount point): every unpublish
+        // and every `fillfs mount` exit. A real unmount failure is ours to report
+        // (`MountHandle::try_unmount`, `fuse::mount`), so fuser's is not shown, whatever
+        // RUST_LOG says.
+        .add_directive("fuser::mnt=error".parse().expect("directive"))
         // reqsign logs a failed STS call with its URL, which carries the pod's OIDC token,
         // and at debug the credential providers with their keys: never, whatever RUST_LOG says.
         .add_directive("reqsign_core=off".parse().expect("directive"));

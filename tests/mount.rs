@@ -467,6 +467,20 @@ fn bad_sources_fail_before_mounting_with_a_clear_error() {
     let (err, _) = mount_fails(&["gs://bucket/x"], &[]);
     assert!(err.contains("unsupported scheme"), "{err}");
 
+    // A password in the endpoint URL is refused and never echoed.
+    let (err, _) = mount_fails(
+        &[
+            &format!("s3://{BUCKET}/"),
+            "--endpoint",
+            "http://admin:s3cr3t-pw@127.0.0.1:1",
+        ],
+        &creds,
+    );
+    assert!(
+        err.contains("carries credentials") && !err.contains("s3cr3t-pw"),
+        "{err}"
+    );
+
     // A web page where the store should be (a captive portal, the wrong port).
     let (err, _) = mount_fails(
         &[&format!("s3://{BUCKET}/"), "--endpoint", &html_server()],
@@ -555,7 +569,24 @@ fn file_source_is_served_through_the_same_layer() {
     let m = spawn_mount(cmd);
     assert_eq!(std::fs::read(m.path().join("top.txt")).unwrap(), b"top");
     verify_stream(&m.path().join("d/e/data.bin"), 3, 5 * MIB + 1);
-    assert!(m.stop().success());
+    // isatty() on a file of the mount (stdio does it at every buffered open): ENOTTY,
+    // quietly (fuser's default logged three lines of WARN each time).
+    let f = std::fs::File::open(m.path().join("top.txt")).unwrap();
+    for _ in 0..3 {
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), libc::TCGETS, &mut t) };
+        assert_eq!(rc, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY)
+        );
+    }
+    drop(f);
+    let (status, log) = m.stop_and_log();
+    assert!(status.success());
+    for noise in ["Not Implemented", "ioctl", "Unmount failed", "WARN"] {
+        assert!(!log.contains(noise), "{noise:?} in the log:\n{log}");
+    }
     assert!(!is_mounted(src.path()));
 }
 

@@ -235,14 +235,19 @@ pub fn pod_of(context: &HashMap<String, String>) -> String {
 /// default port and trailing slashes say nothing.
 pub fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
     let e = endpoint.trim();
+    // Messages show the endpoint without a `user:password@` part (they reach pod events).
+    let shown = crate::store::operator::redact_userinfo(e);
+    if crate::store::operator::has_userinfo(e) {
+        return Err(format!(
+            "endpoint {shown:?} carries credentials (user:password@); put them in the node-publish secret, never in the endpoint"
+        ));
+    }
     let (scheme, rest) = match e.split_once("://") {
         Some((s, r)) => (s.to_ascii_lowercase(), r),
         None => ("https".to_string(), e),
     };
     if scheme != "http" && scheme != "https" {
-        return Err(format!(
-            "endpoint {endpoint:?}: scheme must be http or https"
-        ));
+        return Err(format!("endpoint {shown:?}: scheme must be http or https"));
     }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -250,7 +255,7 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
     };
     if authority.is_empty() || authority.contains('@') {
         return Err(format!(
-            "endpoint {endpoint:?} must be a host (and port), e.g. oss-cn-hangzhou-internal.aliyuncs.com"
+            "endpoint {shown:?} must be a host (and port), e.g. oss-cn-hangzhou-internal.aliyuncs.com"
         ));
     }
     let mut host = authority.to_ascii_lowercase();
@@ -262,7 +267,7 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
     match normal.parse::<http::Uri>() {
         Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(normal),
         _ => Err(format!(
-            "endpoint {endpoint:?} is not a valid URL or host (e.g. oss-cn-hangzhou-internal.aliyuncs.com)"
+            "endpoint {shown:?} is not a valid URL or host (e.g. oss-cn-hangzhou-internal.aliyuncs.com)"
         )),
     }
 }

@@ -21,6 +21,15 @@ pub(super) struct Built {
 
 pub(super) fn build(cfg: &StoreConfig) -> Result<Built> {
     let src = &cfg.source;
+    if let Some(e) = &cfg.endpoint
+        && has_userinfo(e)
+    {
+        // Not echoed: the part before '@' is most likely a password.
+        return Err(Error::InvalidOption(format!(
+            "the endpoint {} carries credentials (user:password@); give them as access keys (environment or secret), never in the URL",
+            redact_userinfo(e)
+        )));
+    }
     let (base, endpoint) = match src.scheme {
         Scheme::File => {
             // OpenDAL's fs service creates a missing root; a source must never be created.
@@ -184,6 +193,26 @@ fn with_scheme(endpoint: &str) -> String {
     }
 }
 
+/// Whether an endpoint URL has a `user[:password]@` part.
+pub fn has_userinfo(endpoint: &str) -> bool {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
+/// The endpoint with any `user[:password]@` part replaced by `***@`, for messages.
+pub fn redact_userinfo(endpoint: &str) -> String {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), endpoint),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+        None => endpoint.to_string(),
+    }
+}
+
 /// Whether the endpoint's host is an IP address or `localhost`.
 fn is_ip_or_localhost(endpoint: &str) -> bool {
     let Ok(uri) = endpoint.parse::<http::Uri>() else {
@@ -203,5 +232,22 @@ mod tests {
         assert!(is_ip_or_localhost("http://[::1]:9000"));
         assert!(is_ip_or_localhost("https://localhost"));
         assert!(!is_ip_or_localhost("https://oss-cn-hangzhou.aliyuncs.com"));
+    }
+
+    #[test]
+    fn credentials_in_an_endpoint_are_never_shown() {
+        for (e, shown) in [
+            ("http://admin:hunter2@minio:9000", "http://***@minio:9000"),
+            ("admin:hunter2@minio:9000/x", "***@minio:9000/x"),
+            ("https://u@h", "https://***@h"),
+            ("https://a:b@c@h/p?q=@", "https://***@h/p?q=@"),
+        ] {
+            assert!(has_userinfo(e), "{e}");
+            assert_eq!(redact_userinfo(e), shown);
+        }
+        for e in ["http://h:9000/p@x", "h", "https://h/?a=@"] {
+            assert!(!has_userinfo(e), "{e}");
+            assert_eq!(redact_userinfo(e), e);
+        }
     }
 }

@@ -109,6 +109,12 @@ impl Mount {
         self.terminate()
     }
 
+    /// [`stop`](Self::stop), and everything the process logged.
+    pub fn stop_and_log(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.terminate();
+        (status, self.log())
+    }
+
     fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
