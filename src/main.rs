@@ -302,7 +302,7 @@ struct PopulateArgs {
     file_mode: u32,
     /// TARGET is a block device or image file: write the single object SOURCE names into it
     /// raw (disk images).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mkfs")]
     block: bool,
     /// Format TARGET (a block device or image file) with this file system, mount it on a
     /// temporary directory and fill it from the prefix SOURCE. Destroys what TARGET held.
@@ -355,9 +355,16 @@ struct MountArgs {
     #[arg(long)]
     allow_empty: bool,
     /// Return once the mount is ready and keep serving in the background (like mount-s3).
-    /// Without it fillfs stays in the foreground and unmounts on SIGINT/SIGTERM.
+    /// The exit code says whether it mounted (2: a permanent failure such as a missing
+    /// bucket). Once mounted, the background process no longer writes to this command's
+    /// stdout/stderr (a pipe or `$(...)` around it ends); its logs go to --log-file.
+    /// Without --daemon fillfs stays in the foreground and unmounts on SIGINT/SIGTERM.
     #[arg(long)]
     daemon: bool,
+    /// With --daemon: where the background process logs once mounted (appended).
+    /// Default: nowhere.
+    #[arg(long, value_name = "PATH", requires = "daemon")]
+    log_file: Option<PathBuf>,
 }
 
 // Every number's bounds live in `fillfs::options`; these name the option in its errors.
@@ -574,7 +581,7 @@ fn mount(a: MountArgs) -> Result<()> {
     };
     fillfs::mount::split_cache_size(opts.cache_size, opts.block_size)?;
     if a.daemon {
-        return daemonize_and_mount(&opts);
+        return daemonize_and_mount(&opts, a.log_file.as_deref());
     }
     fillfs::mount::run(&opts, || {})?;
     Ok(())
@@ -688,7 +695,23 @@ async fn shutdown_signal() {
 
 /// Forks before any thread exists; the child mounts and reports "ok" or the error through a
 /// pipe; the parent waits for that word and exits with it.
-fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
+/// `--daemon`: a child mounts and serves; the parent returns once the mount is ready, with
+/// the child's error and exit code (2 for permanent failures) if it is not. When the mount
+/// is ready the child lets go of the caller's stdout and stderr (they go to `--log-file`,
+/// or /dev/null), so a `| tee` or `$(…)` around the command ends with it.
+fn daemonize_and_mount(opts: &MountOptions, log_file: Option<&std::path::Path>) -> Result<()> {
+    // Opened before forking: a bad path is the caller's error, not a silent child's.
+    let log = match log_file {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("--log-file {}", p.display()))?,
+        None => std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .context("opening /dev/null")?,
+    };
     let (rx, tx) = nix::unistd::pipe().context("creating a pipe")?;
     // SAFETY: no threads have been started yet (no runtime exists before this point).
     match unsafe { nix::unistd::fork() }.context("fork")? {
@@ -698,11 +721,16 @@ fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
             std::fs::File::from(rx)
                 .read_to_string(&mut msg)
                 .context("waiting for the mount")?;
-            match msg.strip_prefix("ok") {
-                Some(_) => Ok(()),
-                None if msg.is_empty() => bail!("the background process exited before mounting"),
-                None => bail!("{}", msg.trim_end()),
+            if msg.starts_with("ok") {
+                return Ok(());
             }
+            if msg.is_empty() {
+                bail!("the background process exited before mounting");
+            }
+            // "CODE message": the child's exit code, then its error.
+            let (code, text) = msg.split_once(' ').unwrap_or(("1", &msg));
+            eprintln!("fillfs: error: {}", text.trim_end());
+            std::process::exit(code.parse().unwrap_or(1));
         }
         nix::unistd::ForkResult::Child => {
             drop(rx);
@@ -710,6 +738,8 @@ fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
             redirect_stdin_to_null();
             let mut tx = Some(std::fs::File::from(tx));
             let result = fillfs::mount::run(opts, || {
+                let _ = nix::unistd::dup2_stdout(&log);
+                let _ = nix::unistd::dup2_stderr(&log);
                 if let Some(mut t) = tx.take() {
                     let _ = t.write_all(b"ok\n");
                 }
@@ -718,10 +748,11 @@ fn daemonize_and_mount(opts: &MountOptions) -> Result<()> {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
                     tracing::error!(error = %e, "mount ended with an error");
+                    let code = if e.is_permanent() { 2 } else { 1 };
                     if let Some(mut t) = tx.take() {
-                        let _ = write!(t, "{e}");
+                        let _ = write!(t, "{code} {e}");
                     }
-                    std::process::exit(1);
+                    std::process::exit(code);
                 }
             }
         }

@@ -598,15 +598,25 @@ fn daemon_mode_returns_once_mounted() {
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("hello.txt"), b"hello").unwrap();
     let mp = tempfile::tempdir().unwrap();
-    let status = fillfs()
-        .arg("mount")
+    let log = mp.path().with_extension("daemon.log");
+    // As `$(fillfs mount --daemon ...)` or `... | tee` would: both pipes are read to EOF,
+    // which comes only when every process holding them has let go.
+    let mut cmd = fillfs();
+    cmd.arg("mount")
         .arg(format!("file://{}", src.path().display()))
         .arg(mp.path())
         .arg("--daemon")
-        .stderr(std::process::Stdio::null())
-        .status()
+        .arg("--log-file")
+        .arg(&log);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(cmd.output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the caller's stdout/stderr stayed open after the mount was ready")
         .unwrap();
-    assert!(status.success());
+    assert!(out.status.success(), "{out:?}");
     // No waiting: the mount is ready when the command returns.
     assert!(is_mounted(mp.path()));
     assert_eq!(
@@ -620,6 +630,36 @@ fn daemon_mode_returns_once_mounted() {
             .unwrap()
             .success()
     );
+    // The background process logged to --log-file after letting go of the caller's stderr.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("unmounted")
+    {
+        assert!(Instant::now() < deadline, "no 'unmounted' in --log-file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A permanent failure keeps its exit code through --daemon.
+    let emu = emulator();
+    let out = fillfs()
+        .arg("mount")
+        .arg("s3://no-such-bucket/x")
+        .arg(mp.path())
+        .args(["--daemon", "--endpoint", &emu.endpoint()])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("fillfs: error: ") && l.contains("does not exist")),
+        "{err}"
+    );
+    assert!(!is_mounted(mp.path()));
 }
 
 #[test]

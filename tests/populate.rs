@@ -446,6 +446,23 @@ fn throughput_cap_holds_in_every_second_of_a_fill() {
 }
 
 #[test]
+fn block_and_mkfs_together_are_refused() {
+    let target = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = fillfs();
+    cmd.args(["populate", "s3://bucket/image.raw"])
+        .arg(target.path())
+        .args(["--block", "--mkfs", "ext4"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'--block' cannot be used with '--mkfs <FS>'"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(target.path()).unwrap().len(), 0);
+}
+
+#[test]
 fn missing_bucket_fails_with_a_clear_error() {
     let emu = emulator();
     let target = tempfile::tempdir().unwrap();

@@ -1,8 +1,9 @@
 //! Progress of a fill: counters updated by the copier, and a reporter that shows them —
-//! a one-line status on a terminal (`bar`), one JSON object per line on stdout for machines
-//! (`json`: the volume populator controller reads these), or nothing. It must not copy.
+//! a progress bar with rate and ETA on a terminal (`bar`, drawn by `indicatif`, as rclone
+//! and s5cmd users expect), one JSON object per line on stdout for machines (`json`: the
+//! volume populator controller reads these), or nothing. It must not copy.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use super::integrity::Checked;
 pub enum ProgressMode {
     /// `bar` when stderr is a terminal, else `none`.
     Auto,
+    /// A bar with bytes, files, rate and ETA on stderr (drawn only on a terminal).
     Bar,
     Json,
     None,
@@ -149,64 +151,120 @@ impl Progress {
         .to_line()
     }
 
-    fn bar_line(&self) -> String {
-        let (bytes, files, rate) = self.snapshot();
-        let pct = if self.bytes_total == 0 {
-            100.0
-        } else {
-            bytes as f64 * 100.0 / self.bytes_total as f64
-        };
+    /// The bar's message: files done of all.
+    fn files_message(&self) -> String {
         format!(
-            "{pct:5.1}%  {} / {}  {files}/{} files  {rate:.0} MiB/s",
-            bytesize::ByteSize(bytes).display().iec(),
-            bytesize::ByteSize(self.bytes_total).display().iec(),
+            "{}/{} files",
+            self.files_done.load(Ordering::Relaxed),
             self.files_total
         )
     }
 }
 
-/// Starts the reporter; it stops when the returned handle is aborted (after a final line).
-pub fn spawn_reporter(
-    progress: Arc<Progress>,
-    mode: ProgressMode,
-) -> Option<tokio::task::JoinHandle<()>> {
+/// `  42% [=========>          ] 134.0 MiB / 319.1 MiB  200/201 files  8.0 MiB/s  ETA 23s`
+fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{percent:>3}% [{wide_bar}] {binary_bytes} / {binary_total_bytes}  {msg}  {binary_bytes_per_sec}  ETA {eta}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ")
+}
+
+/// A running reporter; give it back to [`finish_reporter`].
+pub struct Reporter {
+    task: tokio::task::JoinHandle<()>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+fn new_bar(progress: &Progress, target: indicatif::ProgressDrawTarget) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(progress.bytes_total), target)
+        .with_style(bar_style());
+    bar.set_message(progress.files_message());
+    bar
+}
+
+fn update_bar(bar: &indicatif::ProgressBar, progress: &Progress) {
+    bar.set_position(progress.bytes_done.load(Ordering::Relaxed));
+    bar.set_message(progress.files_message());
+}
+
+/// Starts the reporter; it stops at [`finish_reporter`] (after a final line).
+pub fn spawn_reporter(progress: Arc<Progress>, mode: ProgressMode) -> Option<Reporter> {
     let mode = match mode {
         ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
         ProgressMode::Auto => ProgressMode::None,
         m => m,
     };
-    let period = match mode {
-        ProgressMode::Bar => Duration::from_millis(250),
-        ProgressMode::Json => Duration::from_secs(1),
-        _ => return None,
-    };
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            match mode {
-                ProgressMode::Bar => {
-                    let mut e = std::io::stderr().lock();
-                    let _ = write!(e, "\r{:<78}", progress.bar_line());
-                    let _ = e.flush();
+    match mode {
+        ProgressMode::Bar => {
+            let bar = new_bar(&progress, indicatif::ProgressDrawTarget::stderr_with_hz(4));
+            let b = bar.clone();
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tick.tick().await;
+                    update_bar(&b, &progress);
                 }
-                _ => println!("{}", progress.json_line(false)),
-            }
+            });
+            Some(Reporter {
+                task,
+                bar: Some(bar),
+            })
         }
-    }))
+        ProgressMode::Json => {
+            let task = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    println!("{}", progress.json_line(false));
+                }
+            });
+            Some(Reporter { task, bar: None })
+        }
+        _ => None,
+    }
 }
 
 /// Stops the reporter and prints the final state in its format.
-pub fn finish_reporter(
-    handle: Option<tokio::task::JoinHandle<()>>,
-    progress: &Progress,
-    mode: ProgressMode,
-) {
-    if let Some(h) = handle {
-        h.abort();
-        match mode {
-            ProgressMode::Json => println!("{}", progress.json_line(true)),
-            _ => eprintln!("\r{:<78}", progress.bar_line()),
+pub fn finish_reporter(reporter: Option<Reporter>, progress: &Progress, mode: ProgressMode) {
+    let Some(r) = reporter else { return };
+    r.task.abort();
+    match r.bar {
+        Some(bar) => {
+            update_bar(&bar, progress);
+            bar.finish();
+        }
+        None if mode == ProgressMode::Json => println!("{}", progress.json_line(true)),
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_shows_bytes_files_rate_and_eta() {
+        let p = Progress::new(300 * 1024 * 1024, 201);
+        p.bytes_done.store(100 * 1024 * 1024, Ordering::Relaxed);
+        p.files_done.store(67, Ordering::Relaxed);
+        let term = indicatif::InMemoryTerm::new(2, 110);
+        let bar = new_bar(
+            &p,
+            indicatif::ProgressDrawTarget::term_like(Box::new(term.clone())),
+        );
+        update_bar(&bar, &p);
+        bar.tick();
+        let shown = term.contents();
+        for part in [
+            "33% [",
+            "=>",
+            "100.00 MiB / 300.00 MiB",
+            "67/201 files",
+            "/s",
+            "ETA ",
+        ] {
+            assert!(shown.contains(part), "{part:?} missing from {shown:?}");
         }
     }
 }
