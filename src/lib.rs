@@ -17,6 +17,7 @@ pub mod fs;
 pub mod fuse;
 pub mod grpc_uds;
 pub mod limit;
+pub mod metrics;
 pub mod mount;
 pub mod mountinfo;
 pub mod options;

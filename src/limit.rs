@@ -54,6 +54,8 @@ pub struct RateLimiter {
     tat: Mutex<Instant>,
     /// Bytes that may be requested and not yet paid (capped limiters only).
     flight: Option<(Arc<Semaphore>, u64)>,
+    /// Nanoseconds callers have waited here, in `admit` and `acquire` (for metrics).
+    waited_ns: std::sync::atomic::AtomicU64,
 }
 
 /// Bytes admitted by [`RateLimiter::admit`] and not yet paid; what is left returns to the
@@ -97,6 +99,7 @@ impl RateLimiter {
             bytes_per_sec: (bytes_per_sec > 0).then_some(bytes_per_sec as f64),
             tat: Mutex::new(Instant::now()),
             flight,
+            waited_ns: Default::default(),
         }
     }
 
@@ -112,6 +115,18 @@ impl RateLimiter {
         } else {
             Vec::new()
         }
+    }
+
+    /// How long callers have waited here in all (admission and pacing).
+    pub fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn add_wait(&self, d: Duration) {
+        self.waited_ns.fetch_add(
+            d.as_nanos().min(u64::MAX as u128) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The configured rate in bytes per second, `None` when unlimited.
@@ -131,10 +146,12 @@ impl RateLimiter {
     pub async fn admit(&self, bytes: u64) -> Option<Admitted> {
         let (sem, budget) = self.flight.as_ref()?;
         let n = bytes.min(*budget).max(1);
+        let start = Instant::now();
         sem.acquire_many(n as u32)
             .await
             .expect("the in-flight semaphore is never closed")
             .forget();
+        self.add_wait(start.elapsed());
         Some(Admitted {
             sem: sem.clone(),
             held: n,
@@ -145,6 +162,7 @@ impl RateLimiter {
     /// reservation, which errs on the side of staying under the cap.
     pub async fn acquire(&self, bytes: u64) {
         if let Some(deadline) = self.reserve(bytes) {
+            self.add_wait(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep_until(deadline).await;
         }
     }
@@ -197,6 +215,9 @@ mod tests {
         l.acquire(1).await;
         let secs = start.elapsed().as_secs_f64();
         assert!((secs - 3.0).abs() < 0.06, "30 MiB request took {secs}s");
+        // What it waited is counted (the burst passes at once).
+        let waited = l.waited().as_secs_f64();
+        assert!((waited - 2.95).abs() < 0.06, "waited {waited}s");
     }
 
     #[tokio::test(start_paused = true)]

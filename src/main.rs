@@ -182,6 +182,11 @@ struct CsiArgs {
     /// The CSI driver name (the CSIDriver object's name; the controller's --csi-driver).
     #[arg(long, default_value = fillfs::csi::DRIVER_NAME)]
     driver_name: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (with /healthz): per volume and pod
+    /// the store requests and bytes, read latency and volume-cap waits; for the node the
+    /// shared cache's hits, misses and evictions and the node cap's waits. Default: none.
+    #[arg(long, value_name = "ADDR", default_value = "none", value_parser = parse_metrics_addr)]
+    metrics_addr: String,
     /// This node's name, as Kubernetes knows it.
     #[arg(long, env = "NODE_NAME")]
     node_id: String,
@@ -350,6 +355,11 @@ struct MountArgs {
     /// FUSE request threads.
     #[arg(long, default_value_t = 4, value_parser = parse_fuse_threads)]
     fuse_threads: usize,
+    /// Serve Prometheus metrics (`fillfs_*`: store requests and bytes, cache hits, misses
+    /// and evictions, read latency, limiter waits) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9810. Default: none.
+    #[arg(long, value_name = "ADDR", default_value = "none", value_parser = parse_metrics_addr)]
+    metrics_addr: String,
     /// Mount even if nothing is stored under the source yet. Without it an empty prefix
     /// is refused, since it is usually a typo in the bucket or prefix.
     #[arg(long)]
@@ -411,6 +421,12 @@ fn parse_fill_deadline(s: &str) -> std::result::Result<Duration, String> {
 
 fn parse_jobs(s: &str) -> std::result::Result<usize, String> {
     options::count_in(s, "--jobs", &options::JOBS)
+}
+
+/// Checks `--metrics-addr` at parse time (kept as text: clap would take an
+/// `Option<SocketAddr>` field for an optional flag).
+fn parse_metrics_addr(s: &str) -> std::result::Result<String, String> {
+    fillfs::metrics::parse_addr(s).map(|_| s.to_string())
 }
 
 fn parse_fuse_threads(s: &str) -> std::result::Result<usize, String> {
@@ -578,6 +594,7 @@ fn mount(a: MountArgs) -> Result<()> {
         fuse_threads: a.fuse_threads,
         kernel_read_ahead: a.kernel_read_ahead,
         allow_empty: a.allow_empty,
+        metrics_addr: fillfs::metrics::parse_addr(&a.metrics_addr).map_err(anyhow::Error::msg)?,
     };
     fillfs::mount::split_cache_size(opts.cache_size, opts.block_size)?;
     if a.daemon {
@@ -621,6 +638,7 @@ fn csi(a: CsiArgs) -> Result<()> {
     let opts = fillfs::csi::CsiOptions {
         endpoint: a.endpoint,
         driver_name: a.driver_name,
+        metrics_addr: fillfs::metrics::parse_addr(&a.metrics_addr).map_err(anyhow::Error::msg)?,
         node: fillfs::csi::NodeOptions {
             kubelet_dir: a.kubelet_dir,
             node_id: a.node_id,

@@ -33,6 +33,8 @@ pub struct MountOptions {
     pub kernel_read_ahead: u64,
     /// Mount a source with nothing under it (else refused as a likely typo).
     pub allow_empty: bool,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How `--cache-size` is spent: half for the block cache, half for read-ahead not yet
@@ -82,6 +84,36 @@ pub fn run(opts: &MountOptions, on_mounted: impl FnOnce()) -> Result<()> {
             return Err(Error::EmptySource {
                 source_url: opts.store.source.to_string(),
                 allow: "pass --allow-empty to mount it anyway".into(),
+            });
+        }
+        if let Some(addr) = opts.metrics_addr {
+            let metrics = Arc::new(crate::metrics::ReadPathMetrics::new(
+                fs.cache().clone(),
+                Vec::new(),
+            ));
+            let limiters = fs
+                .store()
+                .limiters()
+                .iter()
+                .map(|l| ("mount", l.clone()))
+                .collect();
+            metrics.add(
+                "",
+                "",
+                "",
+                fs.store().clone(),
+                limiters,
+                fs.read_latency().clone(),
+            );
+            // Bound now, so a taken port is this command's error, not a log line later.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
+            let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(metrics.registry());
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve_on(listener, registry).await {
+                    tracing::error!(%addr, error = %e, "metrics server stopped");
+                }
             });
         }
         Ok::<_, Error>(fs)

@@ -689,6 +689,64 @@ fn a_mount_that_does_not_answer_holds_up_neither_start_up_nor_other_volumes() {
 }
 
 #[test]
+fn metrics_show_each_volume_and_the_node_cache() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "m/", 2, 2 * MIB, 130);
+    let addr = free_local_addr();
+    let p = Plugin::start(&["--metrics-addr", &addr, "--node-throughput", "500"]);
+    let vol = s3_volume(&emu, "m/");
+    let (ta, tb) = (p.target("pod-a"), p.target("pod-b"));
+    p.publish("vol-a", &ta, &ctx(&vol, &[])).unwrap();
+    p.publish("vol-b", &tb, &ctx(&vol, &[("throughput", "100")]))
+        .unwrap();
+    verify_stream(&ta.join("f0.bin"), 130, 2 * MIB);
+    verify_stream(&tb.join("f1.bin"), 131, 2 * MIB);
+    verify_stream(&tb.join("f0.bin"), 130, 2 * MIB); // from the node cache
+
+    let page = http_get(&addr, "/metrics");
+    let series = |name: &str, vol: &str, extra: &str| {
+        format!("fillfs_{name}{{volume=\"{vol}\",pod=\"team-a/fill-1\"{extra}}}")
+    };
+    let get = |s: &str| sample(&page, s).unwrap_or_else(|| panic!("{s} missing:\n{page}"));
+    assert!(get(&series("store_requests_total", "vol-a", ",op=\"get\"")) >= 1.0);
+    assert_eq!(
+        get(&series("store_read_bytes_total", "vol-a", "")),
+        (2 * MIB) as f64
+    );
+    assert_eq!(
+        get(&series("store_read_bytes_total", "vol-b", "")),
+        (2 * MIB) as f64,
+        "vol-b's f0 came from the cache"
+    );
+    assert!(get(&series("read_duration_seconds_count", "vol-b", "")) >= 2.0);
+    assert!(get("fillfs_cache_hits_total") >= 1.0);
+    assert!(get("fillfs_cache_misses_total") >= 2.0);
+    assert!(get("fillfs_cache_bytes") >= (4 * MIB) as f64);
+    assert!(
+        page.contains("fillfs_limiter_wait_seconds_total{volume=\"vol-b\",pod=\"team-a/fill-1\",limiter=\"volume\"}")
+            && page.contains("fillfs_limiter_wait_seconds_total{volume=\"\",pod=\"\",limiter=\"node\"}"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("vol-a\",pod=\"team-a/fill-1\",limiter"),
+        "vol-a has no cap"
+    );
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+
+    p.unpublish("vol-a", &ta).unwrap();
+    let page = http_get(&addr, "/metrics");
+    assert!(
+        !page.contains("vol-a"),
+        "an unpublished volume is still shown"
+    );
+    assert!(page.contains("vol-b"));
+    p.unpublish("vol-b", &tb).unwrap();
+}
+
+#[test]
 fn restart_clears_mounts_left_behind() {
     if !fuse_available() {
         return;

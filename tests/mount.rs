@@ -737,3 +737,50 @@ fn a_directory_is_read_from_one_listing_per_open_handle() {
     assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 3500);
     assert!(m.stop().success());
 }
+
+#[test]
+fn mount_serves_prometheus_metrics() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_pattern(&emu, "met/f", 21, 3 * MIB);
+    let addr = free_local_addr();
+    let m = mount_s3(
+        &emu,
+        "met",
+        &["--metrics-addr", &addr, "--throughput", "200"],
+    );
+    verify_stream(&m.path().join("f"), 21, 3 * MIB);
+    let page = http_get(&addr, "/metrics");
+    let get = |s: &str| sample(&page, s).unwrap_or_else(|| panic!("{s} missing:\n{page}"));
+    assert!(get("fillfs_store_requests_total{volume=\"\",pod=\"\",op=\"get\"}") >= 1.0);
+    assert_eq!(
+        get("fillfs_store_read_bytes_total{volume=\"\",pod=\"\"}"),
+        (3 * MIB) as f64
+    );
+    assert!(get("fillfs_read_duration_seconds_count{volume=\"\",pod=\"\"}") >= 3.0);
+    assert!(get("fillfs_cache_misses_total") >= 1.0);
+    assert!(
+        get("fillfs_limiter_wait_seconds_total{volume=\"\",pod=\"\",limiter=\"mount\"}") >= 0.0
+    );
+    assert!(m.stop().success());
+
+    // A port already taken is an error at start, not a log line later.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let (err, _) = mount_fails(
+        &[
+            &format!("s3://{BUCKET}/met"),
+            "--endpoint",
+            &emu.endpoint(),
+            "--metrics-addr",
+            &busy,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ],
+    );
+    assert!(err.contains("--metrics-addr"), "{err}");
+}

@@ -53,11 +53,14 @@ pub struct BlockKey {
     pub index: u64,
 }
 
-/// Hit/miss counters (`fillfs_cache_*`).
+/// Hit, miss and eviction counters (shown as `fillfs_cache_*` by [`crate::metrics`], and
+/// logged when a mount ends).
 #[derive(Debug, Default)]
 pub struct CacheStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Blocks evicted to make room (not invalidations).
+    pub evictions: AtomicU64,
 }
 
 /// Shared, cheap to clone.
@@ -78,15 +81,22 @@ impl BlockCache {
     /// A cache holding at most `capacity` bytes of blocks of `block_size` bytes.
     pub fn new(capacity: u64, block_size: u64) -> Self {
         assert!(block_size > 0 && block_size <= u32::MAX as u64);
+        let stats = Arc::new(CacheStats::default());
+        let counted = stats.clone();
         let blocks = Cache::builder()
             .max_capacity(capacity)
             .weigher(|_k: &BlockKey, v: &Bytes| v.len().max(1) as u32)
             .eviction_policy(EvictionPolicy::lru())
+            .eviction_listener(move |_k, _v, cause| {
+                if cause.was_evicted() {
+                    counted.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
         BlockCache {
             blocks,
             block_size,
-            stats: Arc::new(CacheStats::default()),
+            stats,
             buffers: BufferPool::new(block_size as usize, FREE_BLOCKS_KEPT),
         }
     }

@@ -1,6 +1,6 @@
-//! Prometheus metrics of the controller (`fillfs_` prefix) and the small HTTP server that
-//! serves them at `/metrics` (and `/healthz` for the liveness probe). Owns the metric
-//! names; it must not reconcile.
+//! Prometheus metrics of the controller (`fillfs_` prefix), served by
+//! [`crate::metrics::serve`] at `/metrics` (with `/healthz` and `/readyz`). Owns the
+//! controller's metric names; it must not reconcile.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -142,52 +142,20 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (watches working) on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Response, StatusCode};
-
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let resp = match req.uri().path() {
-                            "/metrics" => Response::builder()
-                                .header(
-                                    "content-type",
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(Full::new(Bytes::from(metrics.render()))),
-                            "/healthz" => Response::builder().body(Full::new(Bytes::from("ok\n"))),
-                            "/readyz" => match metrics.readiness_problem() {
-                                None => Response::builder().body(Full::new(Bytes::from("ok\n"))),
-                                Some(p) => Response::builder()
-                                    .status(StatusCode::SERVICE_UNAVAILABLE)
-                                    .body(Full::new(Bytes::from(format!("{p}\n")))),
-                            },
-                            _ => Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(Bytes::from("not found\n"))),
-                        };
-                        Ok::<_, std::convert::Infallible>(resp.expect("static response"))
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection");
-            }
-        });
+impl crate::metrics::Exposition for Metrics {
+    fn render(&self) -> String {
+        Metrics::render(self)
     }
+
+    fn readiness_problem(&self) -> Option<String> {
+        Metrics::readiness_problem(self)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (watches working) on `addr` until
+/// the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    crate::metrics::serve(addr, metrics).await
 }
 
 #[cfg(test)]

@@ -98,6 +98,7 @@ pub struct NodePlugin {
     budget: PrefetchBudget,
     max_prefetch_window: u64,
     slots: Mutex<HashMap<PathBuf, Slot>>,
+    metrics: Arc<crate::metrics::ReadPathMetrics>,
 }
 
 impl NodePlugin {
@@ -105,9 +106,16 @@ impl NodePlugin {
     pub fn new(opts: NodeOptions, rt: Handle) -> Result<Self, Error> {
         let (cache_bytes, budget_bytes) =
             crate::mount::split_cache_size(opts.cache_size, opts.block_size)?;
+        let node_limiters = RateLimiter::for_throughput(opts.node_throughput_mib);
+        let cache = BlockCache::new(cache_bytes, opts.block_size);
+        let metrics = Arc::new(crate::metrics::ReadPathMetrics::new(
+            cache.clone(),
+            node_limiters.iter().map(|l| ("node", l.clone())).collect(),
+        ));
         Ok(NodePlugin {
-            node_limiters: RateLimiter::for_throughput(opts.node_throughput_mib),
-            cache: BlockCache::new(cache_bytes, opts.block_size),
+            node_limiters,
+            cache,
+            metrics,
             budget: PrefetchBudget::new(budget_bytes),
             max_prefetch_window: (budget_bytes / 4)
                 .min(256 * 1024 * 1024)
@@ -124,6 +132,11 @@ impl NodePlugin {
 
     pub fn cache(&self) -> &BlockCache {
         &self.cache
+    }
+
+    /// The node's read-path metrics (every published volume, the shared cache).
+    pub fn metrics(&self) -> &Arc<crate::metrics::ReadPathMetrics> {
+        &self.metrics
     }
 
     fn slot(&self, target: &Path) -> Slot {
@@ -254,7 +267,8 @@ impl NodePlugin {
             }
             None => None,
         };
-        let mut limiters = RateLimiter::for_throughput(spec.throughput_mib);
+        let own_limiters = RateLimiter::for_throughput(spec.throughput_mib);
+        let mut limiters = own_limiters.clone();
         limiters.extend(self.node_limiters.iter().cloned());
         let store = Store::new(&store_cfg, limiters)?;
         match store.preflight().await {
@@ -308,6 +322,14 @@ impl NodePlugin {
                 .await
                 .map_err(|e| CsiError::Internal(format!("mount task: {e}")))??;
         undo.disarm();
+        self.metrics.add(
+            &target.display().to_string(),
+            volume_id,
+            pod,
+            fs.store().clone(),
+            own_limiters.into_iter().map(|l| ("volume", l)).collect(),
+            fs.read_latency().clone(),
+        );
         tracing::info!(
             volume_id,
             pod,
@@ -448,6 +470,7 @@ impl NodePlugin {
             if let Some(f) = token_file {
                 let _ = std::fs::remove_file(f);
             }
+            self.metrics.remove(&target.display().to_string());
             tracing::info!(volume_id, target = %target.display(), "unpublished");
         } else {
             match self.clear_dead_mount(target).await {

@@ -25,6 +25,8 @@ pub struct CsiOptions {
     pub endpoint: String,
     /// The name GetPluginInfo answers (must equal the CSIDriver object's name).
     pub driver_name: String,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub node: NodeOptions,
 }
 
@@ -282,6 +284,18 @@ pub async fn serve(
         cache_size = %bytesize::ByteSize(opts.node.cache_size).display().iec(),
         "CSI node plugin serving"
     );
+    if let Some(addr) = opts.metrics_addr {
+        // Bound before the socket is announced: a taken port is a start-up error.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
+        let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(plugin.metrics().registry());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_on(listener, registry).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
     on_ready();
     tokio::spawn({
         let (plugin, dir) = (plugin.clone(), opts.node.kubelet_dir.clone());

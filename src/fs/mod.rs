@@ -92,6 +92,8 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
+    /// Time to answer each read (shown by [`crate::metrics`]).
+    read_latency: prometheus_client::metrics::histogram::Histogram,
     on_replaced: OnceLock<ReplacedHook>,
 }
 
@@ -120,6 +122,7 @@ impl Fs {
             listings,
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            read_latency: crate::metrics::read_latency_histogram(),
             next_fh: AtomicU64::new(1),
             on_replaced: OnceLock::new(),
         }
@@ -147,6 +150,11 @@ impl Fs {
 
     pub fn budget(&self) -> &PrefetchBudget {
         &self.budget
+    }
+
+    /// The time each read took to answer.
+    pub fn read_latency(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.read_latency
     }
 
     fn node(&self, ino: Ino) -> Result<Arc<Node>> {
@@ -321,6 +329,7 @@ impl Fs {
 
     /// Reads up to `len` bytes at `offset` through the handle's prefetcher.
     pub async fn read(&self, fh: u64, offset: u64, len: u32) -> Result<Bytes> {
+        let started = std::time::Instant::now();
         let handle = self
             .handles
             .lock()
@@ -333,7 +342,9 @@ impl Fs {
             .lock()
             .expect("prefetcher lock")
             .plan_read(offset, len as u64);
-        pending.await.map_err(Error::Shared)
+        let r = pending.await.map_err(Error::Shared);
+        self.read_latency.observe(started.elapsed().as_secs_f64());
+        r
     }
 
     /// Closes a handle; its read-ahead is cancelled.
