@@ -529,13 +529,13 @@ fn the_plugin_runs_as_argo_starts_it_in_a_gc_pod() {
 #[test]
 fn the_example_configmap_registers_the_plugin_and_the_seed_workflows_apply_unchanged() {
     let ex = manifest_dir().join("deploy/examples");
-    let cm: serde_yaml::Value = serde_yaml::from_str(
+    let cm: serde_yaml_ng::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(ex.join("argo-artifact-driver.yaml")).unwrap(),
     )
     .unwrap();
     let data = &cm["data"];
-    let field = |k: &str| -> serde_yaml::Value {
-        serde_yaml::from_str(data[k].as_str().unwrap_or_else(|| panic!("data.{k}"))).unwrap()
+    let field = |k: &str| -> serde_yaml_ng::Value {
+        serde_yaml_ng::from_str(data[k].as_str().unwrap_or_else(|| panic!("data.{k}"))).unwrap()
     };
     let drivers = field("artifactDrivers");
     let driver = &drivers[0];
@@ -544,7 +544,7 @@ fn the_example_configmap_registers_the_plugin_and_the_seed_workflows_apply_uncha
         driver["image"].as_str().unwrap(),
     );
     let images = field("images");
-    let entry: Vec<String> = serde_yaml::from_value(images[image]["entrypoint"].clone())
+    let entry: Vec<String> = serde_yaml_ng::from_value(images[image]["entrypoint"].clone())
         .expect("the image's entrypoint is declared");
     assert_eq!(
         entry,
@@ -573,7 +573,7 @@ fn the_example_configmap_registers_the_plugin_and_the_seed_workflows_apply_uncha
                 );
             }
         }
-        let wf: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let wf: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
         for t in wf["spec"]["templates"].as_sequence().unwrap() {
             for a in t["outputs"]["artifacts"]
                 .as_sequence()

@@ -55,7 +55,7 @@ fn seed_cr() -> OSSVolumePopulator {
         "/deploy/examples/seed-ossvolumepopulator.yaml"
     ))
     .unwrap();
-    serde_yaml::from_str(&text).expect("the seed example deserializes")
+    serde_yaml_ng::from_str(&text).expect("the seed example deserializes")
 }
 
 /// The seed populator without the ACS labels: its pods run on ordinary nodes, where the
@@ -2444,7 +2444,7 @@ fn generated_prime_pvc_and_pods_match_golden_files() {
     let pvc = pvc_from(&user_pvc());
     golden(
         "prime-pvc.yaml",
-        &serde_yaml::to_string(&objects::prime_pvc(
+        &serde_yaml_ng::to_string(&objects::prime_pvc(
             &pvc,
             &seed_cr(),
             &settings(),
@@ -2455,7 +2455,7 @@ fn generated_prime_pvc_and_pods_match_golden_files() {
     // Node path: a pod on an ordinary node that has the node plugin.
     golden(
         "fill-pod.yaml",
-        &serde_yaml::to_string(&objects::fill_pod(
+        &serde_yaml_ng::to_string(&objects::fill_pod(
             &pvc,
             &plain_cr(),
             &settings(),
@@ -2470,7 +2470,7 @@ fn generated_prime_pvc_and_pods_match_golden_files() {
     // Direct path: the seed populator's pod on ACS, with its RRSA token.
     golden(
         "fill-pod-direct.yaml",
-        &serde_yaml::to_string(&objects::fill_pod(
+        &serde_yaml_ng::to_string(&objects::fill_pod(
             &pvc,
             &seed_cr(),
             &settings(),
@@ -2649,7 +2649,7 @@ fn seed_examples_deserialize_and_validate_against_the_schema() {
         "/deploy/examples/seed-ossvolumepopulator.yaml"
     ))
     .unwrap();
-    let raw: Value = serde_yaml::from_str(&text).unwrap();
+    let raw: Value = serde_yaml_ng::from_str(&text).unwrap();
     let errors: Vec<String> = validator.iter_errors(&raw).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "seed example vs schema: {errors:?}");
     // The schema can fail: a bucket too short and a zero throughput are refused.
@@ -2664,7 +2664,7 @@ fn seed_examples_deserialize_and_validate_against_the_schema() {
         "/deploy/examples/seed-argo-workflow.yaml"
     ))
     .unwrap();
-    let wf: Value = serde_yaml::from_str(&text).unwrap();
+    let wf: Value = serde_yaml_ng::from_str(&text).unwrap();
     let template = &wf["spec"]["volumes"][0]["ephemeral"]["volumeClaimTemplate"];
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "wf-scratch", "namespace": "argo"},

@@ -30,8 +30,8 @@ fn documents(dir: &Path) -> Vec<(String, Value)> {
     files.sort();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = serde_json::to_value(serde_yaml_ng::Value::deserialize(doc).unwrap()).unwrap();
             if !v.is_null() {
                 out.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
             }
@@ -95,7 +95,7 @@ fn images_match_this_version_and_kustomization_lists_every_file() {
         }
     }
     let kustomization: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).unwrap())
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("kustomization.yaml")).unwrap())
             .unwrap();
     let listed: Vec<&str> = kustomization["resources"]
         .as_array()
@@ -147,8 +147,8 @@ fn the_optional_volume_populator_registration_names_our_crd() {
 /// The YAML documents of one file.
 fn documents_of(file: &Path) -> Vec<(String, Value)> {
     let text = std::fs::read_to_string(file).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde_json::to_value(serde_yaml_ng::Value::deserialize(doc).unwrap()).unwrap())
         .filter(|v| !v.is_null())
         .map(|v| (file.display().to_string(), v))
         .collect()
@@ -251,7 +251,7 @@ fn every_container_runs_as_the_uid_its_job_needs() {
 fn fill_pods_are_unprivileged_on_both_paths() {
     use fillfs::controller::objects::{self, FillSpec, Settings};
     use fillfs::controller::placement::FillPath;
-    let cr: fillfs::controller::OSSVolumePopulator = serde_yaml::from_str(
+    let cr: fillfs::controller::OSSVolumePopulator = serde_yaml_ng::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("deploy/examples/seed-ossvolumepopulator.yaml"),

@@ -402,8 +402,8 @@ fn pod_env(
 
 fn yaml_docs(file: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_yaml_ng::Value::deserialize(d).unwrap()).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }

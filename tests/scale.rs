@@ -99,7 +99,7 @@ fn seed_cr() -> Value {
         "/deploy/examples/seed-ossvolumepopulator.yaml"
     ))
     .unwrap();
-    let cr: OSSVolumePopulator = serde_yaml::from_str(&text).expect("the seed deserializes");
+    let cr: OSSVolumePopulator = serde_yaml_ng::from_str(&text).expect("the seed deserializes");
     serde_json::to_value(cr).unwrap()
 }
 

@@ -38,11 +38,11 @@ struct Raw {
     #[serde(default)]
     region: Option<String>,
     #[serde(default)]
-    throughput: Option<serde_yaml::Value>,
+    throughput: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     part_size: Option<String>,
     #[serde(default)]
-    jobs: Option<serde_yaml::Value>,
+    jobs: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     secret_dir: Option<PathBuf>,
     #[serde(default)]
@@ -68,7 +68,7 @@ impl PluginConfig {
         if text.trim().is_empty() {
             return Err("the plugin configuration is empty; it needs at least `bucket:`".into());
         }
-        let raw: Raw = serde_yaml::from_str(text)
+        let raw: Raw = serde_yaml_ng::from_str(text)
             .map_err(|e| format!("the plugin configuration is not valid: {e}"))?;
         let scheme = match raw.protocol.as_deref().unwrap_or("oss") {
             "oss" => Scheme::Oss,
@@ -133,10 +133,10 @@ impl PluginConfig {
     }
 }
 
-fn scalar(v: &serde_yaml::Value) -> String {
+fn scalar(v: &serde_yaml_ng::Value) -> String {
     match v {
-        serde_yaml::Value::String(s) => s.clone(),
-        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml_ng::Value::String(s) => s.clone(),
+        serde_yaml_ng::Value::Number(n) => n.to_string(),
         other => format!("{other:?}"),
     }
 }

@@ -51,7 +51,7 @@ pub use reconcile::{Context, ReconcileError, Stores, reconcile};
 pub fn crd_yaml() -> String {
     let mut crd = OSSVolumePopulator::crd();
     crd.metadata.labels = Some([(PART_OF.0.to_string(), PART_OF.1.to_string())].into());
-    serde_yaml::to_string(&crd).expect("the CRD serializes")
+    serde_yaml_ng::to_string(&crd).expect("the CRD serializes")
 }
 
 /// The label `deploy/crd.yaml` carries; a CRD of this name without it was installed by
