@@ -747,6 +747,49 @@ fn metrics_show_each_volume_and_the_node_cache() {
 }
 
 #[test]
+fn a_rotated_secret_is_used_after_republish() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "rot/", 1, MIB, 140);
+    let p = Plugin::start(&[]);
+    let t = p.target("pod-rot");
+    let vol = s3_volume(&emu, "rot/");
+    let ttl = [("metadataTTL", "1s")];
+    p.publish("vol-rot", &t, &ctx(&vol, &ttl)).unwrap();
+    verify_stream(&t.join("f0.bin"), 140, MIB);
+
+    // The key is rotated at the store: the old one is refused from now on.
+    emu.rotate_key("fillfs-rotated", "fillfs-rotated-secret");
+    put_files(&emu, "rot/new-", 1, MIB, 141);
+    let mut node = p.node.clone();
+    let mut republish = |id: &str, secret: &str| {
+        let mut req = publish_request("vol-rot", &t, &ctx(&vol, &ttl));
+        req.secrets = HashMap::from([
+            ("akId".to_string(), id.to_string()),
+            ("akSecret".to_string(), secret.to_string()),
+        ]);
+        p.rt.block_on(node.node_publish_volume(req)).map(|_| ())
+    };
+    // A rotated secret that does not work is refused and changes nothing.
+    let e = republish("fillfs-rotated", "wrong-secret").unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // kubelet republishes with the new secret (same volume, same attributes).
+    republish("fillfs-rotated", "fillfs-rotated-secret").expect("republish");
+    assert_eq!(mounts_at(&t), 1, "republished in place, not mounted twice");
+    // Listing and reading use the new key (before: the old one, for the mount's life).
+    std::thread::sleep(Duration::from_millis(1100)); // past the volume's 1 s listing TTL
+    verify_stream(&t.join("new-f0.bin"), 141, MIB);
+    assert!(p.log().contains("credentials rotated"), "{}", p.log());
+    assert!(
+        !p.log().contains("fillfs-rotated-secret"),
+        "a secret reached the log"
+    );
+    p.unpublish("vol-rot", &t).unwrap();
+}
+
+#[test]
 fn restart_clears_mounts_left_behind() {
     if !fuse_available() {
         return;

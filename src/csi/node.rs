@@ -76,6 +76,8 @@ struct Published {
     handle: MountHandle,
     fs: Arc<Fs>,
     token_file: Option<PathBuf>,
+    /// The keys the volume reads with (from the node-publish secret), to notice a rotation.
+    credentials: crate::store::Credentials,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Published>>>;
@@ -209,7 +211,20 @@ impl NodePlugin {
                         write_private(file, token.expose())
                             .map_err(|e| CsiError::Internal(format!("refreshing token: {e}")))?;
                     }
-                    tracing::info!(volume_id, pod, target = %target.display(), "already published");
+                    let rotated = !p.credentials.same_keys(&spec.store.credentials);
+                    if rotated {
+                        // A rotated secret: checked with a preflight, then used for every
+                        // request from now on. A secret that does not work changes nothing.
+                        p.fs.store()
+                            .rotate_credentials(spec.store.credentials.clone())
+                            .await?;
+                        tracing::info!(volume_id, pod, target = %target.display(), credentials = %spec.store.credentials.describe(), "already published; credentials rotated");
+                    } else {
+                        tracing::info!(volume_id, pod, target = %target.display(), "already published");
+                    }
+                    if let Some(p) = slot.as_mut() {
+                        p.credentials = spec.store.credentials;
+                    }
                     return Ok(());
                 }
                 return Err(CsiError::AlreadyExists(format!(
@@ -345,6 +360,7 @@ impl NodePlugin {
             handle,
             fs,
             token_file,
+            credentials: store_cfg.credentials.clone(),
         });
         Ok(())
     }

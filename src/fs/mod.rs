@@ -86,7 +86,6 @@ pub struct Fs {
     cache: BlockCache,
     budget: PrefetchBudget,
     config: FsConfig,
-    store_id: Arc<str>,
     inodes: Mutex<InodeTable>,
     listings: Cache<Ino, Listing>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
@@ -103,21 +102,11 @@ impl Fs {
             .max_capacity(100_000)
             .time_to_live(config.metadata_ttl.max(Duration::from_millis(1)))
             .build();
-        // Cached blocks are shared only between readers of the same principal (see
-        // `Store::principal`).
-        let store_id: Arc<str> = format!(
-            "{}|{}|{}",
-            store.endpoint(),
-            store.source(),
-            store.principal()
-        )
-        .into();
         Fs {
             store,
             cache,
             budget,
             config,
-            store_id,
             inodes: Mutex::new(InodeTable::new()),
             listings,
             handles: Mutex::new(HashMap::new()),
@@ -301,9 +290,18 @@ impl Fs {
         if node.kind != Kind::File {
             return Err(Error::errno(libc::EISDIR));
         }
+        // Cached blocks are shared only between readers of the same principal (see
+        // `Store::principal`), taken at each open: credentials can be rotated.
+        let store_id: Arc<str> = format!(
+            "{}|{}|{}",
+            self.store.endpoint(),
+            self.store.source(),
+            self.store.principal()
+        )
+        .into();
         let obj = ObjectRef {
             id: Arc::new(ObjectId {
-                store: self.store_id.clone(),
+                store: store_id,
                 key: node.key.as_str().into(),
                 version: node.version.clone(),
             }),

@@ -49,6 +49,17 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Whether the static keys (id, secret, session token) are the same. RRSA settings are
+    /// not compared: a role is a volume attribute, and its token is refreshed by itself.
+    pub fn same_keys(&self, other: &Credentials) -> bool {
+        let eq = |a: &Option<Secret>, b: &Option<Secret>| {
+            a.as_ref().map(Secret::expose) == b.as_ref().map(Secret::expose)
+        };
+        eq(&self.access_key_id, &other.access_key_id)
+            && eq(&self.secret_access_key, &other.secret_access_key)
+            && eq(&self.session_token, &other.session_token)
+    }
+
     /// Reads the environment variables of the scheme's ecosystem.
     pub fn from_env(scheme: Scheme) -> Self {
         Self::from_lookup(scheme, |k| std::env::var(k).ok().filter(|v| !v.is_empty()))

@@ -115,18 +115,25 @@ pub struct StoreStats {
 /// A source bucket prefix (or directory) with its limiters and counters. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    /// Everything that depends on the credentials, replaced whole by
+    /// [`Store::rotate_credentials`]; every request takes the current one.
+    access: Arc<std::sync::RwLock<Arc<Access>>>,
+    source: SourceUrl,
+    endpoint: String,
+    limiters: Arc<[Arc<RateLimiter>]>,
+    stats: Arc<StoreStats>,
+}
+
+/// What a store's requests are signed with.
+struct Access {
     op: Operator,
     /// The same operator without retries: preflight must fail fast and say why.
     op_no_retry: Operator,
-    source: SourceUrl,
-    endpoint: String,
     /// Who reads: see [`Store::principal`].
     principal: Arc<str>,
-    limiters: Arc<[Arc<RateLimiter>]>,
-    stats: Arc<StoreStats>,
     /// What the store was built from, for the multipart client (built on first use).
     config: Arc<StoreConfig>,
-    multipart: Arc<std::sync::OnceLock<std::result::Result<Arc<multipart::Client>, String>>>,
+    multipart: std::sync::OnceLock<std::result::Result<Arc<multipart::Client>, String>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -135,6 +142,23 @@ impl std::fmt::Debug for Store {
             .field("source", &self.source)
             .field("endpoint", &self.endpoint)
             .finish()
+    }
+}
+
+impl Access {
+    /// The operators for `cfg`, and the endpoint they talk to.
+    fn build(cfg: &StoreConfig) -> Result<(Access, String)> {
+        let built = operator::build(cfg)?;
+        Ok((
+            Access {
+                op: built.op,
+                op_no_retry: built.op_no_retry,
+                principal: principal(cfg).into(),
+                config: Arc::new(cfg.clone()),
+                multipart: Default::default(),
+            },
+            built.endpoint,
+        ))
     }
 }
 
@@ -149,25 +173,44 @@ impl Store {
     /// Builds the store. `limiters` are all applied to every byte read (e.g. the mount's own
     /// cap and the node-wide cap); pass an empty vec for no limit.
     pub fn new(cfg: &StoreConfig, limiters: Vec<Arc<RateLimiter>>) -> Result<Self> {
-        let built = operator::build(cfg)?;
+        let (access, endpoint) = Access::build(cfg)?;
         Ok(Store {
-            op: built.op,
-            op_no_retry: built.op_no_retry,
+            access: Arc::new(std::sync::RwLock::new(Arc::new(access))),
             source: cfg.source.clone(),
-            endpoint: built.endpoint,
-            principal: principal(cfg).into(),
+            endpoint,
             limiters: limiters.into(),
             stats: Arc::new(StoreStats::default()),
-            config: Arc::new(cfg.clone()),
-            multipart: Default::default(),
         })
+    }
+
+    /// The current credentials' operators and client.
+    fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Signs every request from now on with `credentials` (a rotated secret), once a
+    /// preflight with them has worked; on failure nothing changes. Requests under way
+    /// finish with the old ones. The principal follows the credentials, so files opened
+    /// from now on share cached blocks only with readers of the new principal.
+    pub async fn rotate_credentials(&self, credentials: Credentials) -> Result<()> {
+        let mut cfg = (*self.access().config).clone();
+        cfg.credentials = credentials;
+        let probe = Store::new(&cfg, Vec::new())?;
+        probe.preflight().await?;
+        let fresh = probe.access();
+        *self.access.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
     }
 
     /// The multipart-protocol client of this store (S3 and OSS only).
     pub fn multipart(&self) -> Result<Arc<multipart::Client>> {
-        self.multipart
+        let a = self.access();
+        a.multipart
             .get_or_init(|| {
-                multipart::Client::new(&self.config, &self.endpoint)
+                multipart::Client::new(&a.config, &self.endpoint)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -192,8 +235,8 @@ impl Store {
     /// the RRSA role, or `ambient`/`anonymous`. Never a secret, and not the key id itself.
     /// Two stores with different principals must not share cached object data: one may be
     /// allowed to read what the other is not.
-    pub fn principal(&self) -> &str {
-        &self.principal
+    pub fn principal(&self) -> Arc<str> {
+        self.access().principal.clone()
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -216,7 +259,7 @@ impl Store {
             };
         }
         let res = async {
-            let mut lister = self.op_no_retry.lister_with("/").limit(1).await?;
+            let mut lister = self.access().op_no_retry.lister_with("/").limit(1).await?;
             lister.try_next().await
         }
         .await;
@@ -240,7 +283,7 @@ impl Store {
             ErrorKind::PermissionDenied => Error::AccessDenied {
                 what: format!("{} at {}", self.source, self.endpoint),
                 hint: match self.source.scheme {
-                    _ if &*self.principal == "anonymous" => {
+                    _ if &*self.principal() == "anonymous" => {
                         "the bucket refuses unsigned requests; give credentials".into()
                     }
                     Scheme::Oss => "ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET or RRSA".into(),
@@ -280,7 +323,7 @@ impl Store {
     pub async fn list_dir(&self, dir: &str) -> Result<Vec<Listed>> {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
         let path = if dir.is_empty() { "/" } else { dir };
-        let mut lister = self.op.lister_with(path).await?;
+        let mut lister = self.access().op.lister_with(path).await?;
         let mut out = Vec::new();
         while let Some(entry) = lister.try_next().await? {
             let full = entry.path();
@@ -333,7 +376,7 @@ impl Store {
 
     async fn list_recursive_stripped(&self) -> Result<Vec<Listed>> {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
-        let mut lister = self.op.lister_with("/").recursive(true).await?;
+        let mut lister = self.access().op.lister_with("/").recursive(true).await?;
         let mut out = Vec::new();
         while let Some(entry) = lister.try_next().await? {
             let rel = entry.path().to_string();
@@ -358,7 +401,7 @@ impl Store {
     /// HEAD of one object.
     pub async fn stat(&self, key: &str) -> Result<ObjectMeta> {
         self.stats.stat_requests.fetch_add(1, Ordering::Relaxed);
-        Ok(object_meta(&self.op.stat(key).await?))
+        Ok(object_meta(&self.access().op.stat(key).await?))
     }
 
     /// Reads `range` of version `version` of `key` with one ranged GET, paying every chunk
@@ -487,9 +530,10 @@ impl Store {
         range: Range<u64>,
     ) -> Result<opendal::BufferStream> {
         self.stats.get_requests.fetch_add(1, Ordering::Relaxed);
-        let mut read = self.op.reader_with(key);
+        let access = self.access();
+        let mut read = access.op.reader_with(key);
         if let Version::ETag(etag) = version
-            && self.op.info().capability().read_with_if_match
+            && access.op.info().capability().read_with_if_match
         {
             read = read.if_match(etag);
         }

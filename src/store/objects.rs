@@ -84,7 +84,7 @@ impl UploadSink {
             })
         };
         if let Some((expected, got)) = mismatch {
-            let _ = self.store.op.delete(&self.key).await;
+            let _ = self.store.delete_object(&self.key).await;
             return Err(Error::ChecksumMismatch {
                 path: self.key.clone(),
                 expected,
@@ -110,6 +110,7 @@ impl Store {
     /// An upload of `key`; feed it with [`UploadSink::write`], then [`UploadSink::finish`].
     pub async fn upload(&self, key: &str, shape: UploadShape) -> Result<UploadSink> {
         let writer = self
+            .access()
             .op
             .writer_with(key)
             .chunk(shape.part_size.max(1) as usize)
@@ -162,18 +163,18 @@ impl Store {
     /// HEAD of `key` with the CRC-64 the response declares, if any.
     pub async fn stat_with_crc64(&self, key: &str) -> Result<(super::ObjectMeta, Option<u64>)> {
         self.stats.stat_requests.fetch_add(1, Ordering::Relaxed);
-        let (meta, crc) = with_object_crc64(self.op.stat(key)).await;
+        let (meta, crc) = with_object_crc64(self.access().op.stat(key)).await;
         Ok((super::object_meta(&meta?), crc))
     }
 
     /// Deletes one object (one already gone is not an error).
     pub async fn delete_object(&self, key: &str) -> Result<()> {
-        Ok(self.op.delete(key).await?)
+        Ok(self.access().op.delete(key).await?)
     }
 
     /// Whether `key` is an object.
     pub async fn exists(&self, key: &str) -> Result<bool> {
-        match self.op.stat(key).await {
+        match self.access().op.stat(key).await {
             Ok(m) => Ok(!m.is_dir()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e.into()),
@@ -184,7 +185,7 @@ impl Store {
     /// out; keys are relative to the store's root.
     pub async fn keys_under(&self, prefix: &str) -> Result<Vec<String>> {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
-        let mut lister = self.op.lister_with(prefix).recursive(true).await?;
+        let mut lister = self.access().op.lister_with(prefix).recursive(true).await?;
         let mut out = Vec::new();
         while let Some(entry) = lister.try_next().await? {
             let key = entry.path();
@@ -198,7 +199,7 @@ impl Store {
     /// Whether anything (object or deeper prefix) is listed under `prefix` (ending in `/`).
     pub async fn has_children(&self, prefix: &str) -> Result<bool> {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
-        let mut lister = self.op.lister_with(prefix).limit(2).await?;
+        let mut lister = self.access().op.lister_with(prefix).limit(2).await?;
         while let Some(entry) = lister.try_next().await? {
             if entry.path() != prefix {
                 return Ok(true);
@@ -212,7 +213,7 @@ impl Store {
     /// the key in the same batches. Keys already gone are not an error. Returns how many
     /// objects were under the prefix.
     pub async fn delete_key_and_prefix(&self, key: &str, prefix: &str) -> Result<usize> {
-        let mut lister = self.op.lister_with(prefix).recursive(true).await?;
+        let mut lister = self.access().op.lister_with(prefix).recursive(true).await?;
         let mut under = Vec::new();
         while let Some(entry) = lister.try_next().await? {
             if entry.path() != prefix {
@@ -220,7 +221,7 @@ impl Store {
             }
         }
         let n = under.iter().filter(|k| !k.ends_with('/')).count();
-        let mut deleter = self.op.deleter().await?;
+        let mut deleter = self.access().op.deleter().await?;
         for k in (!key.is_empty())
             .then(|| key.to_string())
             .into_iter()

@@ -150,6 +150,14 @@ impl Emulator {
         &self.secret_key
     }
 
+    /// Replaces the accepted access keys by this one pair (the old ones are refused from
+    /// now on), as a rotated credential does.
+    pub fn rotate_key(&self, access_key: &str, secret_key: &str) {
+        let mut keys = self.shared.keys.write().unwrap_or_else(|e| e.into_inner());
+        keys.clear();
+        keys.insert(access_key.to_owned(), secret_key.to_owned());
+    }
+
     /// Create a bucket (no-op if it exists). No name validation.
     pub fn create_bucket(&self, name: &str) {
         self.shared.store.create_bucket(name);

@@ -28,6 +28,8 @@ pub struct Shared {
     id_rng: Rng,
     pub region: String,
     pub endpoint: String,
+    /// The access keys accepted (id → secret); [`crate::Emulator::rotate_key`] replaces them.
+    pub keys: std::sync::RwLock<std::collections::HashMap<String, String>>,
 }
 
 impl Shared {
@@ -40,6 +42,7 @@ impl Shared {
             id_rng: Rng::new(seed ^ 0x5EED_1D5E_ED1D_5EED),
             region,
             endpoint,
+            keys: Default::default(),
         }
     }
 }

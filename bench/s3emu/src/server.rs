@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use s3s::access::{S3Access, S3AccessContext};
-use s3s::auth::{S3Auth, SecretKey, SimpleAuth};
+use s3s::auth::{S3Auth, SecretKey};
 use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::{HttpError, HttpResponse, S3Result, s3_error};
 use tokio::net::TcpListener;
@@ -22,19 +22,23 @@ use tokio::sync::oneshot;
 use crate::emulation::Counters;
 use crate::s3::{Emu, Shared};
 
-/// `SimpleAuth`, but an unknown access key is `InvalidAccessKeyId` (403) like
-/// real S3 rather than `NotSignedUp`.
-struct EmuAuth(SimpleAuth);
+/// The keys in `Shared::keys` (replaceable while serving, to test rotated credentials);
+/// an unknown access key is `InvalidAccessKeyId` (403) like real S3.
+struct EmuAuth(Arc<Shared>);
 
 #[async_trait::async_trait]
 impl S3Auth for EmuAuth {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
-        self.0.lookup(access_key).cloned().ok_or_else(|| {
-            s3_error!(
-                InvalidAccessKeyId,
-                "The AWS Access Key Id you provided does not exist in our records."
-            )
-        })
+        let keys = self.0.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.get(access_key)
+            .cloned()
+            .map(SecretKey::from)
+            .ok_or_else(|| {
+                s3_error!(
+                    InvalidAccessKeyId,
+                    "The AWS Access Key Id you provided does not exist in our records."
+                )
+            })
     }
 }
 
@@ -57,7 +61,12 @@ pub fn build_service(shared: Arc<Shared>, access_key: &str, secret_key: &str) ->
     let mut builder = S3ServiceBuilder::new(Emu {
         shared: Arc::clone(&shared),
     });
-    builder.set_auth(EmuAuth(SimpleAuth::from_single(access_key, secret_key)));
+    shared
+        .keys
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(access_key.to_owned(), secret_key.to_owned());
+    builder.set_auth(EmuAuth(Arc::clone(&shared)));
     builder.set_access(EmuAccess(Arc::clone(&shared)));
     Front {
         inner: builder.build(),
