@@ -738,10 +738,10 @@ mod tests {
         );
         assert!(a.principal().starts_with("key:") && !a.principal().contains("AKID"));
         assert_eq!(
-            store(None, Some("acs:ram::1:role/r"), false).principal(),
+            &*store(None, Some("acs:ram::1:role/r"), false).principal(),
             "role:acs:ram::1:role/r"
         );
-        assert_eq!(store(None, None, false).principal(), "anonymous");
-        assert_eq!(store(None, None, true).principal(), "ambient");
+        assert_eq!(&*store(None, None, false).principal(), "anonymous");
+        assert_eq!(&*store(None, None, true).principal(), "ambient");
     }
 }
