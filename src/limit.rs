@@ -1,5 +1,5 @@
-//! The throughput limiter: one byte-rate budget shared by every object-store read of a
-//! process (or, stacked, of a mount inside a node).
+//! The throughput limiter: one byte-rate budget shared by every object-store read (and
+//! upload) of a process (or, stacked, of a mount inside a node).
 //!
 //! Design: a virtual-clock reservation scheduler (GCRA). The limiter keeps one instant,
 //! `tat` ("theoretical arrival time"): the moment at which all bytes granted so far will have
@@ -23,9 +23,10 @@
 //! to at most half of that ([`RateLimiter::max_request`]). Whatever the concurrency, the
 //! server can then be ahead of the cap by at most one horizon's worth of bytes.
 //!
-//! It must not do I/O or know about stores; callers (the [`crate::store::Store`]) call
-//! [`RateLimiter::admit`] before a GET and [`RateLimiter::acquire`] with the byte count of
-//! each chunk as it arrives.
+//! It must not do I/O or know about stores; callers (the [`crate::store::Store`]'s range
+//! reader, and the upload paths for bytes sent) call [`RateLimiter::admit`] before a GET
+//! and [`RateLimiter::acquire`] with the byte count of each chunk as it passes. It counts
+//! how long callers waited ([`RateLimiter::waited`], shown by [`crate::metrics`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

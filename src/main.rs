@@ -60,7 +60,7 @@ enum Command {
                       protocol: oss            (oss or s3)\n  \
                       endpoint: ... / region: ...\n  \
                       throughput: 200          (MiB/s, 0 = unlimited)\n  \
-                      partSize: 64MiB          (grown so a file needs at most 10,000 parts)\n  \
+                      partSize: 16MiB          (grown so a file needs at most 10,000 parts)\n  \
                       jobs: 16                 (parts or files in flight)\n  \
                       secretDir: /etc/fillfs   (optional: files named like the credential variables)\n\n\
                       Credentials otherwise come from the environment (ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET, \

@@ -7,13 +7,13 @@
 //!
 //! - `config.rs`: the `configuration` string → store, cap, part size, jobs.
 //! - `service.rs`: each RPC → store operations: Load through populate's engine (one object
-//!   raw into the path, or a prefix as a directory fill), Save and SaveStream through
-//!   `store::objects` uploads (CRC-64 of what was sent checked against the store's), Delete
+//!   raw into the path, or a prefix as a directory fill), Save and SaveStream through the
+//!   upload engine ([`crate::upload::Uploader`]: parts checked, resumable), Delete
 //!   of a key or prefix (batched, idempotent), OpenStream from ranged reads with bounded
 //!   read-ahead paced by the client.
 //!
 //! It must not move bytes itself: every byte goes through [`crate::store::Store`] (and its
-//! limiter and retries) and the populate engine.
+//! limiter and retries), the populate engine and the upload engine.
 
 pub mod config;
 pub mod service;

@@ -8,7 +8,10 @@
 //!
 //! Idempotency (CSI requires it): a target path has one slot, locked while it changes. A
 //! second publish of the same volume with the same attributes succeeds without a second
-//! mount (and refreshes an RRSA token); with different ones it is AlreadyExists. Unpublish
+//! mount (and refreshes an RRSA token, or switches to rotated keys once they work); with
+//! different attributes it is AlreadyExists. Target paths must lie below `--kubelet-dir`
+//! and be missing or empty. Each published volume is shown by the node's
+//! [`crate::metrics::ReadPathMetrics`]. Unpublish
 //! of a path we do not serve succeeds, after clearing a fillfs mount a previous run left.
 //! This module must not parse volume attributes ([`super::volume`]).
 
@@ -409,7 +412,7 @@ impl NodePlugin {
     }
 
     /// Start-up: every fillfs mount under `root` that no slot holds goes through
-    /// [`clear_dead_mount`](Self::clear_dead_mount), all at once (a frozen one costs its
+    /// `clear_dead_mount`, all at once (a frozen one costs its
     /// timeout, not everyone's), each under its target's lock so a publish of the same
     /// path waits for it. Runs while the plugin already serves. Returns how many were
     /// cleared.

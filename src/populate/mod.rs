@@ -8,8 +8,9 @@
 //! version than the one listed; check free space and free inodes (statvfs) against what is
 //! left to copy, after removing the part files an interrupted fill left if the space is
 //! short. Then create the directories, and copy files with up to `--jobs` GETs in flight
-//! (`copy.rs`), while `progress.rs` reports. On success the journal is removed and the file
-//! system synced; on failure the part files are removed and the journal kept.
+//! (`copy.rs`), while `progress.rs` reports. On success the journal is removed (and, with
+//! `--fsync`, the file system synced); on failure the part files are removed and the
+//! journal kept.
 
 pub mod block;
 pub mod copy;

@@ -4,9 +4,9 @@
 //! [`crate::fs::names::invalid_reason`], so no `..`, absolute key, NUL or empty component
 //! can ever name a path outside the target; no component may take a name fillfs keeps for
 //! itself (part files anywhere, the fill's state in the target's root), so no key can
-//! overwrite them; and two keys listed as one path (a key beginning with `/` comes back
-//! from the store's listing of a bucket's root without it) are both refused, so neither
-//! is written under the other's name. (Links in the target are `target.rs`'s business.)
+//! overwrite them; and two keys listed as one path are both refused, so neither is
+//! written under the other's name (a backstop: the store's listing keeps a root key's
+//! leading `/`, which is refused as unsafe on its own). (Links in the target are `target.rs`'s business.)
 //! It must not do I/O.
 
 use std::collections::BTreeSet;

@@ -46,7 +46,8 @@ const PERMIT_UNIT: u64 = 1024;
 
 type BlockFuture = Shared<BoxFuture<'static, Result<Bytes, Arc<Error>>>>;
 
-/// Process-wide cap on bytes fetched ahead of readers and not yet consumed.
+/// Process-wide cap on the bytes handles hold outside the cache: read-ahead not yet
+/// consumed, readers' misses being fetched, and each handle's current block.
 #[derive(Clone, Debug)]
 pub struct PrefetchBudget {
     permits: Arc<Semaphore>,
@@ -74,7 +75,7 @@ impl PrefetchBudget {
         self.bytes
     }
 
-    /// Bytes currently reserved by read-ahead.
+    /// Bytes currently reserved by holds (the [`DEMAND_SPARE`] not counted).
     pub fn in_use(&self) -> u64 {
         self.bytes
             .saturating_sub(self.permits.available_permits() as u64 * PERMIT_UNIT)

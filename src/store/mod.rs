@@ -4,13 +4,15 @@
 //! with OpenDAL's retry layer (exponential backoff with jitter; it also resumes a body that
 //! breaks mid-stream) and timeout layer around it. On top it adds what OpenDAL's layers don't
 //! give us: the byte-rate [`RateLimiter`]s (OpenDAL's ThrottleLayer only limits writes) and
-//! byte/request counters. FUSE reads, prefetch and populate all call [`Store::open_range`]
-//! (or a helper over it); nothing else may read object data, so the limiter and counters
-//! see everything. Every read is pinned to the [`Version`] its caller listed, so no reader
+//! byte/request counters. Every read of object data ends in [`Store::open_range`]: the
+//! block cache (FUSE reads, prefetch) through `read_range_into`, populate through
+//! `read_range_chunks` and `open_range`, Argo's OpenStream through `read_range`; nothing
+//! else may read object data, so the limiter and counters see everything. Every read is pinned to the [`Version`] its caller listed, so no reader
 //! ever gets bytes of two versions of one object (see [`version`]).
 //!
-//! This module owns: building operators, preflight checks with clear errors, LIST with a
-//! delimiter, ranged reads pinned to a version. It must not cache (that is
+//! This module owns: building operators (and swapping them when credentials rotate),
+//! preflight checks with clear errors, LIST with a delimiter, ranged reads pinned to a
+//! version. It must not cache (that is
 //! [`crate::cache`]) nor decide what to read ahead (that is [`crate::prefetch`]).
 
 pub mod credentials;
