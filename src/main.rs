@@ -730,7 +730,11 @@ fn daemonize_and_mount(opts: &MountOptions, log_file: Option<&std::path::Path>) 
             .open("/dev/null")
             .context("opening /dev/null")?,
     };
+    // Above stdio and close-on-exec: with a closed stdout or stderr the pipe or the log
+    // would take fd 1 or 2, and the dup2 of the log onto them would cut the pipe.
+    let log = above_stdio(log.into())?;
     let (rx, tx) = nix::unistd::pipe().context("creating a pipe")?;
+    let (rx, tx) = (above_stdio(rx)?, above_stdio(tx)?);
     // SAFETY: no threads have been started yet (no runtime exists before this point).
     match unsafe { nix::unistd::fork() }.context("fork")? {
         nix::unistd::ForkResult::Parent { .. } => {
@@ -775,6 +779,15 @@ fn daemonize_and_mount(opts: &MountOptions, log_file: Option<&std::path::Path>) 
             }
         }
     }
+}
+
+/// `fd` moved to a number above 2, close-on-exec.
+fn above_stdio(fd: std::os::fd::OwnedFd) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .context("moving a file descriptor above stdio")?;
+    // SAFETY: `raw` was just created by F_DUPFD_CLOEXEC and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }
 
 /// Data blocks are megabytes, allocated and freed at a high rate. glibc raises its mmap

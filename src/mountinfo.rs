@@ -12,8 +12,9 @@ pub struct MountEntry {
     /// e.g. `fuse.fillfs`, `ext4`.
     pub fs_type: String,
     pub source: String,
-    /// The device (`major`, `minor`) of the mount: for FUSE, the connection's number in
-    /// `/sys/fs/fuse/connections`; for any mount, its `/sys/class/bdi/MAJOR:MINOR`.
+    /// The device (`major`, `minor`) of the mount: its `/sys/class/bdi/MAJOR:MINOR`; for
+    /// FUSE, the connection's name in `/sys/fs/fuse/connections` is the kernel's dev_t,
+    /// `MAJOR << 20 | MINOR` (the minor alone for FUSE's anonymous devices).
     pub device: (u32, u32),
 }
 

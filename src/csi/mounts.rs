@@ -6,8 +6,11 @@
 //! A FUSE mount outlives the process that served it: after the plugin dies, its mounts stay
 //! in the table and every access fails with ENOTCONN ("transport endpoint is not
 //! connected"). A mount whose server is alive but stuck (stopped, deadlocked) is worse: a
-//! `stat` of it waits for ever. So every look at a mount runs on a thread of its own and
-//! is given [`PROBE_TIMEOUT`]: a mount that has not answered by then is *frozen*. A
+//! look at it waits for ever. So every look at a mount runs on a thread of its own and is
+//! given [`PROBE_TIMEOUT`]: a mount that has not answered by then is *frozen*. The look is
+//! a `statfs`, which the kernel always sends to the FUSE server (a `stat` may be answered
+//! from attributes the kernel cached for the metadata TTL, and kubelet stats volumes
+//! often). A
 //! frozen fillfs mount is ended: its FUSE connection is aborted through `fusectl` (which
 //! also releases every process waiting on it, our probe included) and it is detached.
 
@@ -28,21 +31,24 @@ pub enum Probe {
     Disconnected,
     /// No answer within the timeout.
     Frozen,
+    /// Could not look (no thread to look with): treated as answering, never ended.
+    Unknown,
 }
 
-/// Looks at `path` from a thread of its own, waiting at most `timeout`. A frozen mount's
-/// thread stays blocked until the mount answers or its connection is aborted.
+/// Looks at `path` (`statfs`) from a thread of its own, waiting at most `timeout`. A
+/// frozen mount's thread stays blocked until the mount answers or its connection is
+/// aborted.
 pub async fn probe(path: &Path, timeout: Duration) -> Probe {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let p = path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("fillfs-probe".into())
         .spawn(move || {
-            let r = std::fs::metadata(&p);
-            let _ = tx.send(matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)));
+            let r = nix::sys::statfs::statfs(&p);
+            let _ = tx.send(matches!(r, Err(nix::errno::Errno::ENOTCONN)));
         });
     if spawned.is_err() {
-        return Probe::Frozen; // no thread to look with: as good as no answer
+        return Probe::Unknown;
     }
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(true)) => Probe::Disconnected,

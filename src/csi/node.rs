@@ -204,7 +204,7 @@ impl NodePlugin {
         slot: &mut Option<Published>,
         volume_id: &str,
         target: &Path,
-        spec: VolumeSpec,
+        mut spec: VolumeSpec,
     ) -> Result<(), CsiError> {
         let pod = spec.pod.as_deref().unwrap_or("-");
         if let Some(p) = slot.as_ref() {
@@ -213,6 +213,12 @@ impl NodePlugin {
                     if let (Some(file), Some(token)) = (&p.token_file, &spec.rrsa_token) {
                         write_private(file, token.expose())
                             .map_err(|e| CsiError::Internal(format!("refreshing token: {e}")))?;
+                    }
+                    // The token file is the slot's (the spec's is empty until written).
+                    if let (Some(file), Some(r)) =
+                        (&p.token_file, spec.store.credentials.rrsa.as_mut())
+                    {
+                        r.oidc_token_file = file.display().to_string();
                     }
                     let rotated = !p.credentials.same_keys(&spec.store.credentials);
                     if rotated {
@@ -238,6 +244,7 @@ impl NodePlugin {
             }
             tracing::warn!(target = %target.display(), "previous mount ended behind our back; mounting again");
             *slot = None;
+            self.metrics.remove(&target.display().to_string());
         }
         self.clear_foreign_mount(target).await?;
         // kubelet hands over a missing or empty directory; mounting over anything else
@@ -395,7 +402,7 @@ impl NodePlugin {
             return Foreign::Live(m);
         }
         let cleared = match mounts::probe(target, mounts::PROBE_TIMEOUT).await {
-            mounts::Probe::Answers => return Foreign::Live(m),
+            mounts::Probe::Answers | mounts::Probe::Unknown => return Foreign::Live(m),
             mounts::Probe::Disconnected => mounts::detach(target),
             mounts::Probe::Frozen => {
                 tracing::warn!(target = %target.display(), source = %m.source, timeout_s = mounts::PROBE_TIMEOUT.as_secs(), "a fillfs mount did not answer; ending it");
@@ -480,6 +487,7 @@ impl NodePlugin {
                     "{e}; a process still uses the volume"
                 )));
             }
+            self.metrics.remove(&target.display().to_string());
             let Published {
                 handle, token_file, ..
             } = p;
@@ -489,7 +497,6 @@ impl NodePlugin {
             if let Some(f) = token_file {
                 let _ = std::fs::remove_file(f);
             }
-            self.metrics.remove(&target.display().to_string());
             tracing::info!(volume_id, target = %target.display(), "unpublished");
         } else {
             match self.clear_dead_mount(target).await {

@@ -688,4 +688,31 @@ mod tests {
             assert_eq!(&got[..], &data[off as usize..off as usize + 1000]);
         }
     }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_ahead_that_failed_is_fetched_again_for_its_reader() {
+        let (dir, store, obj, data) = setup(64 * BS);
+        let cache = BlockCache::new(64 * BS, BS);
+        let budget = PrefetchBudget::new(32 * BS);
+        let mut p = Prefetcher::new(store, cache, budget, obj, 8);
+        // The first read schedules read-ahead of blocks 1 and 2 (spawned, not yet run on
+        // this single thread); its own block is fetched when it is awaited.
+        let first = p.plan_read(0, BS);
+        assert!(p.ahead_blocks() >= 1);
+        // The object is away while the read-ahead runs: it fails.
+        let saved = dir.path().join("saved");
+        std::fs::rename(dir.path().join("obj"), &saved).unwrap();
+        // Long enough for the read-ahead tasks (and the blocking-pool opens they wait
+        // for) to run and fail.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        std::fs::rename(&saved, dir.path().join("obj")).unwrap();
+        assert_eq!(&first.await.unwrap()[..], &data[..BS as usize]);
+        // The reader reaches block 1: its read-ahead failed long ago, the reader's read
+        // fetches it again instead of failing.
+        let got = p
+            .plan_read(BS, BS)
+            .await
+            .expect("failed read-ahead fetched again");
+        assert_eq!(&got[..], &data[BS as usize..2 * BS as usize]);
+    }
 }

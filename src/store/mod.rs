@@ -269,9 +269,27 @@ impl Store {
             return Err(self.explain(e));
         }
         // OpenDAL took the answer for a listing; make sure it was one (an HTML page is an
-        // empty listing to it), and learn whether the prefix holds anything.
-        let any = self.multipart()?.probe_listing().await?;
-        Ok(Preflight { empty: !any })
+        // empty listing to it), and learn whether the prefix holds anything. The probe
+        // signs with its own client, which does not know every credential source OpenDAL
+        // does (an ECS RAM role for OSS): a refusal of the probe after OpenDAL's LIST
+        // worked says nothing about the source, so only a 200 that is no listing fails.
+        match self
+            .multipart()
+            .map(|c| async move { c.probe_listing().await })
+        {
+            Ok(probe) => match probe.await {
+                Ok(any) => Ok(Preflight { empty: !any }),
+                Err(e @ Error::NotAStore { .. }) => Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the listing probe could not tell; taking the source as not empty");
+                    Ok(Preflight { empty: false })
+                }
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "no listing probe for this store");
+                Ok(Preflight { empty: false })
+            }
+        }
     }
 
     /// Turns an OpenDAL error of a preflight into one a user can act on.

@@ -4,7 +4,7 @@
 //!
 //! OpenDAL's writer uploads multipart too, but keeps the upload id and parts to itself, so
 //! an upload cannot be resumed after a crash, confirmed with ListParts, or found and aborted
-//! later. These six requests are small enough to sign and send here (with `reqsign`, the
+//! later. These requests are small enough to sign and send here (with `reqsign`, the
 //! signer OpenDAL itself uses, and `reqwest`, its HTTP client), one attempt each: retrying,
 //! checking digests and deciding what to send is the upload engine's (`crate::upload`).
 //! The two protocols differ only in the signer, the address style and the checksum header
@@ -158,10 +158,12 @@ impl Client {
         let path_style = src.scheme == Scheme::S3
             || host == "localhost"
             || host.parse::<std::net::IpAddr>().is_ok();
+        // An endpoint may carry a path (a gateway's `https://gw/minio`): kept, as OpenDAL does.
+        let path = uri.path().trim_end_matches('/');
         let base = if path_style {
-            format!("{scheme}://{authority}/{}", src.bucket)
+            format!("{scheme}://{authority}{path}/{}", src.bucket)
         } else {
-            format!("{scheme}://{}.{authority}", src.bucket)
+            format!("{scheme}://{}.{authority}{path}", src.bucket)
         };
         let ctx = reqsign_core::Context::new()
             .with_file_read(reqsign_file_read_tokio::TokioFileRead)

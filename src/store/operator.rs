@@ -193,21 +193,21 @@ fn with_scheme(endpoint: &str) -> String {
     }
 }
 
-/// Whether an endpoint URL has a `user[:password]@` part.
+/// Whether an endpoint URL may carry a `user[:password]@` part: any `@` at all. An
+/// endpoint never needs one, and a password may itself hold `/`, `?` or `#`, so where the
+/// authority ends cannot be trusted.
 pub fn has_userinfo(endpoint: &str) -> bool {
-    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    authority.contains('@')
+    endpoint.contains('@')
 }
 
-/// The endpoint with any `user[:password]@` part replaced by `***@`, for messages.
+/// The endpoint with everything between the scheme and the last `@` replaced by `***`,
+/// for messages.
 pub fn redact_userinfo(endpoint: &str) -> String {
     let (scheme, rest) = match endpoint.split_once("://") {
         Some((s, r)) => (format!("{s}://"), r),
         None => (String::new(), endpoint),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
         None => endpoint.to_string(),
     }
@@ -240,12 +240,17 @@ mod tests {
             ("http://admin:hunter2@minio:9000", "http://***@minio:9000"),
             ("admin:hunter2@minio:9000/x", "***@minio:9000/x"),
             ("https://u@h", "https://***@h"),
-            ("https://a:b@c@h/p?q=@", "https://***@h/p?q=@"),
+            ("https://a:b@c@h/p", "https://***@h/p"),
+            // A password holding '/', '?' or '#' ends no authority early.
+            ("http://admin:p/ss@minio:9000", "http://***@minio:9000"),
+            ("http://admin:1234/x@host", "http://***@host"),
+            ("https://u:p?w#d@host", "https://***@host"),
         ] {
             assert!(has_userinfo(e), "{e}");
             assert_eq!(redact_userinfo(e), shown);
+            assert!(!redact_userinfo(e).contains("p/ss") && !redact_userinfo(e).contains("1234"));
         }
-        for e in ["http://h:9000/p@x", "h", "https://h/?a=@"] {
+        for e in ["http://h:9000/p", "h", "https://h/?a=b"] {
             assert!(!has_userinfo(e), "{e}");
             assert_eq!(redact_userinfo(e), e);
         }
