@@ -148,25 +148,16 @@ impl ReadPathMetrics {
     }
 }
 
-fn counter(
+/// One counter family: `values` are its label sets and their values (u64 or f64).
+fn counter<N>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    values: &[(impl EncodeLabelSet, u64)],
-) -> std::fmt::Result {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in values {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn counter_f64(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    values: &[(impl EncodeLabelSet, f64)],
-) -> std::fmt::Result {
+    values: &[(impl EncodeLabelSet, N)],
+) -> std::fmt::Result
+where
+    N: prometheus_client::encoding::EncodeCounterValue + Copy + std::fmt::Debug,
+{
     let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in values {
         ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
@@ -236,7 +227,7 @@ impl Collector for ReadPathMetrics {
             "Object bytes received from the store",
             &bytes,
         )?;
-        counter_f64(
+        counter(
             &mut e,
             "limiter_wait_seconds",
             "Time reads waited for a throughput limiter (mount, volume or node cap)",
