@@ -95,8 +95,18 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
 #[test]
 fn fills_a_nested_tree_byte_for_byte_with_metadata() {
     let emu = emulator();
-    let files = put_tree(&emu, "tree", 60);
+    let mut files = put_tree(&emu, "tree", 60);
     emu.put_object(BUCKET, "tree/empty-dir/", Bytes::new());
+    // One object written long ago: its file's mtime must be its Last-Modified, which no
+    // write time of the fill can be mistaken for.
+    const OLD: u64 = 1_500_000_000; // 2017-07-14T02:40:00Z
+    emu.put_object_modified_at(
+        BUCKET,
+        "tree/old.txt",
+        Bytes::from(pattern(999, 0, 1000)),
+        OLD as i64,
+    );
+    files.push(("old.txt".into(), 999, 1000));
     let target = tempfile::tempdir().unwrap();
     let out = run(populate(
         &emu,
@@ -117,16 +127,15 @@ fn fills_a_nested_tree_byte_for_byte_with_metadata() {
     let meta = std::fs::metadata(target.path().join(&files[3].0)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o644);
-    let age = SystemTime::now()
-        .duration_since(meta.modified().unwrap())
-        .unwrap_or_default();
-    assert!(
-        age < Duration::from_secs(3600),
-        "mtime comes from Last-Modified (just now)"
+    let old = std::fs::metadata(target.path().join("old.txt")).unwrap();
+    assert_eq!(
+        old.modified().unwrap(),
+        SystemTime::UNIX_EPOCH + Duration::from_secs(OLD),
+        "mtime comes from Last-Modified"
     );
     let summary = String::from_utf8_lossy(&out.stderr);
     assert!(
-        summary.contains("populated 61 files") || summary.contains("populated 60 files"),
+        summary.contains("populated 62 files") || summary.contains("populated 61 files"),
         "{summary}"
     );
 

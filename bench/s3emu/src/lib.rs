@@ -171,6 +171,15 @@ impl Emulator {
             .put_force(bucket, key, Object::new(data, None, None));
     }
 
+    /// Insert an object directly with the given Last-Modified (seconds since the epoch),
+    /// as one written long ago would be.
+    pub fn put_object_modified_at(&self, bucket: &str, key: &str, data: Bytes, unix_secs: i64) {
+        let mut obj = Object::new(data, None, None);
+        obj.last_modified = time::OffsetDateTime::from_unix_timestamp(unix_secs)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        self.shared.store.put_force(bucket, key, obj);
+    }
+
     /// The stored bytes of an object (no copy).
     pub fn object(&self, bucket: &str, key: &str) -> Option<Bytes> {
         self.shared
