@@ -121,6 +121,11 @@ struct UploadArgs {
 struct ArgoArtifactArgs {
     /// The unix socket to serve on, e.g. /tmp/artifact-plugins/fillfs/socket.
     socket: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (per repository: bytes and parts
+    /// uploaded, re-sent and resumed, aborted uploads). Argo appends
+    /// only the socket, so in a plugin's sidecar set it with the environment. Default: none.
+    #[arg(long, env = "FILLFS_METRICS_ADDR", value_name = "ADDR", default_value = "none", value_parser = parse_metrics_addr)]
+    metrics_addr: String,
 }
 
 #[derive(Args)]
@@ -666,8 +671,10 @@ fn argo_artifact(a: ArgoArtifactArgs) -> Result<()> {
         .enable_all()
         .thread_name("fillfs-argo")
         .build()?;
+    let metrics_addr = fillfs::metrics::parse_addr(&a.metrics_addr).map_err(anyhow::Error::msg)?;
     rt.block_on(fillfs::artifact::service::serve(
         &a.socket,
+        metrics_addr,
         shutdown_signal(),
     ))?;
     Ok(())

@@ -909,3 +909,43 @@ fn save_stream_of_many_parts_is_exact() {
     assert!(emu.stats().puts >= 8, "{:?}", emu.stats());
     assert!(emu.open_uploads(BUCKET).is_empty());
 }
+
+#[test]
+fn the_plugin_serves_prometheus_metrics_per_repository() {
+    let emu = emulator();
+    let addr = free_local_addr();
+    // Argo appends only the socket: the address comes from the environment.
+    let mut cmd = fillfs();
+    cmd.arg("argo-artifact").env("FILLFS_METRICS_ADDR", &addr);
+    let plugin = Plugin::start_with(cmd, None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut c = client(&rt, &plugin.socket);
+    let cfg = config(&emu);
+    let work = tempfile::tempdir().unwrap();
+    let size = 12 * MIB + 5; // three 5 MiB parts
+    let src = work.path().join("m.bin");
+    std::fs::write(&src, pattern(31, 0, size)).unwrap();
+    let r = save(&rt, &mut c, &cfg, "m/m.bin", src.to_string_lossy().into());
+    assert!(r.success, "{}", r.error);
+    let dst = work.path().join("back.bin");
+    let r = load(&rt, &mut c, &cfg, "m/m.bin", dst.to_string_lossy().into());
+    assert!(r.success, "{}", r.error);
+
+    let page = http_get(&addr, "/metrics");
+    let repo = format!("{{repository=\"s3://{BUCKET}/\"}}");
+    let get = |name: &str| {
+        sample(&page, &format!("fillfs_{name}_total{repo}"))
+            .unwrap_or_else(|| panic!("{name} missing:\n{page}"))
+    };
+    assert_eq!(get("upload_bytes"), size as f64, "each byte sent once");
+    assert_eq!(get("upload_parts"), 3.0);
+    assert_eq!(get("upload_parts_retried"), 0.0);
+    assert_eq!(get("upload_aborted"), 0.0);
+    assert!(
+        page.contains("fillfs_upload_parts_resumed_total")
+            && page.contains("fillfs_upload_resumed_bytes_total"),
+        "{page}"
+    );
+    assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+    assert_eq!(plugin.stop(), Some(0));
+}

@@ -90,6 +90,91 @@ impl Driver {
     }
 }
 
+/// The plugin's Prometheus metrics, read at scrape from each repository's upload counters
+/// (label `repository`: the store's source URL). Load's and OpenStream's reads are not
+/// counted yet.
+struct DriverMetrics(Arc<Driver>);
+
+impl std::fmt::Debug for DriverMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DriverMetrics")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RepoLabel {
+    repository: String,
+}
+
+impl prometheus_client::collector::Collector for DriverMetrics {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use std::sync::atomic::Ordering::Relaxed;
+        let repos: Vec<Repo> = {
+            let r = self.0.repos.lock().unwrap_or_else(|e| e.into_inner());
+            r.values().cloned().collect()
+        };
+        // One series per source, even if two configurations name the same one.
+        let mut by_source: std::collections::BTreeMap<String, [u64; 6]> = Default::default();
+        for r in &repos {
+            let u = r.uploader.stats();
+            let v = by_source.entry(r.store.source().to_string()).or_default();
+            for (i, n) in [
+                u.bytes_sent.load(Relaxed),
+                u.parts_sent.load(Relaxed),
+                u.parts_retried.load(Relaxed),
+                u.parts_resumed.load(Relaxed),
+                u.bytes_resumed.load(Relaxed),
+                u.uploads_aborted.load(Relaxed),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                v[i] += n;
+            }
+        }
+        const NAMES: [(&str, &str); 6] = [
+            (
+                "upload_bytes",
+                "Body bytes sent by Save and SaveStream, re-sent parts included",
+            ),
+            ("upload_parts", "Parts (and single PUTs) sent"),
+            (
+                "upload_parts_retried",
+                "Parts sent again after a mismatch or a transient failure",
+            ),
+            (
+                "upload_parts_resumed",
+                "Parts an earlier run had sent, confirmed and not sent again",
+            ),
+            (
+                "upload_resumed_bytes",
+                "Bytes of resumed parts, not sent again",
+            ),
+            (
+                "upload_aborted",
+                "Multipart uploads aborted (failed, or abandoned by an earlier run)",
+            ),
+        ];
+        for (i, (name, help)) in NAMES.iter().enumerate() {
+            let mut m = e.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (source, v) in &by_source {
+                let label = RepoLabel {
+                    repository: source.clone(),
+                };
+                prometheus_client::metrics::counter::ConstCounter::new(v[i])
+                    .encode(m.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `Clean(key) + "/"`: the prefix under which a key's "directory" lives.
 fn dir_prefix(key: &str) -> String {
     format!("{}/", key.trim_end_matches('/'))
@@ -478,8 +563,24 @@ fn save_response(what: &str, out: std::result::Result<(), String>) -> SaveArtifa
 /// `shutdown` resolves; RPCs under way are finished first.
 pub async fn serve(
     socket: &Path,
+    metrics_addr: Option<std::net::SocketAddr>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
+    let driver = Arc::new(Driver::default());
+    if let Some(addr) = metrics_addr {
+        // Bound before the socket: a taken port is a start-up error.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("fillfs");
+        registry.register_collector(Box::new(DriverMetrics(driver.clone())));
+        let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(registry);
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_on(listener, registry).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -497,7 +598,6 @@ pub async fn serve(
         ))
     })?;
     tracing::info!(socket = %socket.display(), "Argo artifact driver serving");
-    let driver = Arc::new(Driver::default());
     let result = tonic::transport::Server::builder()
         .add_service(ArtifactServiceServer::new(driver))
         .serve_with_incoming_shutdown(crate::grpc_uds::incoming(listener), shutdown)
