@@ -281,6 +281,20 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> std::io::R
     serve_on(tokio::net::TcpListener::bind(addr).await?, metrics).await
 }
 
+/// Binds `addr` now (a taken port is the caller's start-up error, not a log line later)
+/// and serves `metrics` there from a task of its own.
+pub async fn spawn(addr: SocketAddr, metrics: Arc<dyn Exposition>) -> crate::error::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::error::Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = serve_on(listener, metrics).await {
+            tracing::error!(%addr, error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
 /// [`serve`] on a listener already bound (so a taken port is the caller's error at start).
 pub async fn serve_on(
     listener: tokio::net::TcpListener,

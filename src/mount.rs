@@ -105,16 +105,7 @@ pub fn run(opts: &MountOptions, on_mounted: impl FnOnce()) -> Result<()> {
                 limiters,
                 fs.read_latency().clone(),
             );
-            // Bound now, so a taken port is this command's error, not a log line later.
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
-            let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(metrics.registry());
-            tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve_on(listener, registry).await {
-                    tracing::error!(%addr, error = %e, "metrics server stopped");
-                }
-            });
+            crate::metrics::spawn(addr, Arc::new(metrics.registry())).await?;
         }
         Ok::<_, Error>(fs)
     })?;

@@ -568,18 +568,10 @@ pub async fn serve(
 ) -> Result<()> {
     let driver = Arc::new(Driver::default());
     if let Some(addr) = metrics_addr {
-        // Bound before the socket: a taken port is a start-up error.
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
+        // Before the socket: a taken port is a start-up error.
         let mut registry = prometheus_client::registry::Registry::with_prefix("fillfs");
         registry.register_collector(Box::new(DriverMetrics(driver.clone())));
-        let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(registry);
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_on(listener, registry).await {
-                tracing::error!(%addr, error = %e, "metrics server stopped");
-            }
-        });
+        crate::metrics::spawn(addr, Arc::new(registry)).await?;
     }
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()

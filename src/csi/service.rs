@@ -285,16 +285,8 @@ pub async fn serve(
         "CSI node plugin serving"
     );
     if let Some(addr) = opts.metrics_addr {
-        // Bound before the socket is announced: a taken port is a start-up error.
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::InvalidOption(format!("--metrics-addr {addr}: {e}")))?;
-        let registry: Arc<dyn crate::metrics::Exposition> = Arc::new(plugin.metrics().registry());
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_on(listener, registry).await {
-                tracing::error!(%addr, error = %e, "metrics server stopped");
-            }
-        });
+        // Before the socket is announced: a taken port is a start-up error.
+        crate::metrics::spawn(addr, Arc::new(plugin.metrics().registry())).await?;
     }
     on_ready();
     tokio::spawn({
