@@ -307,7 +307,11 @@ impl Fs {
             }),
             size: node.size,
         };
-        let max_window = (self.config.max_prefetch_window / self.cache.block_size()).max(1);
+        let max_window = crate::prefetch::window_under_cap(
+            (self.config.max_prefetch_window / self.cache.block_size()).max(1),
+            self.store.limiters(),
+            self.cache.block_size(),
+        );
         let prefetcher = Prefetcher::new(
             self.store.clone(),
             self.cache.clone(),

@@ -1,14 +1,26 @@
 //! Read-ahead for one open file handle.
 //!
-//! How it works. Each open handle owns a [`Prefetcher`]. On every read it classifies the
-//! access: *sequential* when it is the handle's first read, or when the offset lands near
-//! where the previous read ended (within one block behind or the current window ahead — the
-//! kernel's own readahead delivers reads slightly out of order), *random* otherwise. A random read cancels all read-ahead of the
-//! handle (the tasks are aborted, their memory released) and resets the window. A sequential
-//! read that crosses into a new block doubles the window, up to `max_window` blocks, and the
-//! prefetcher keeps `window` blocks past the reader in flight, each one ranged GET through
-//! the shared [`BlockCache`], so other readers of the same object find them and concurrent
-//! misses are fetched once.
+//! How it works. Each open handle owns a [`Prefetcher`], which is either *streaming* or
+//! not. A handle starts not streaming: its reads are answered by *pieces*, one ranged GET
+//! of exactly the bytes asked for (unless every block of the read is already at hand: held
+//! by the handle or in the cache), so a random reader pays for 256 KiB, not for a 4 MiB
+//! block, per miss (fio randread 256 KiB at iodepth 1, 20 ms first byte: see
+//! `bench/results/readpath.md`). A read that lands within [`NEAR`] of where the previous one
+//! ended starts the stream; so does the first read of an object that fits in one block (one
+//! GET for the whole small file). Streaming, a read is *sequential* when it lands within
+//! one block behind or the current window ahead of the previous one (the kernel's own
+//! readahead delivers reads slightly out of order); anything else ends the stream: all
+//! read-ahead is cancelled (tasks aborted, memory released) and the read is a piece again.
+//! A sequential read that crosses into a new block doubles the window, up to `max_window`
+//! blocks, and the prefetcher keeps `window` blocks past the reader in flight, each one
+//! ranged GET through the shared [`BlockCache`], so other readers of the same object find
+//! them and concurrent misses are fetched once.
+//!
+//! Under a cap. Read-ahead beyond what the cap delivers in [`CAP_WINDOW`] only moves bytes
+//! nobody may read (a reader that stops early has paid for them, and they delay everyone
+//! else's reads): [`window_under_cap`] bounds the window to that (at least two blocks).
+//! And demand goes first at the limiter: a piece, a reader's miss, and read-ahead a reader
+//! has reached are *urgent* ([`crate::limit::with_urgency`]), admitted before read-ahead.
 //!
 //! Memory. Every block a handle holds outside the cache — read ahead, being fetched for a
 //! reader, or kept as the handle's current block — draws from one [`PrefetchBudget`] (a
@@ -28,6 +40,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
@@ -41,6 +54,32 @@ use crate::store::Store;
 
 /// Blocks kept ahead right after the first sequential read.
 const INITIAL_WINDOW: u64 = 2;
+/// How close to the end of the previous read a read must start to begin a stream (either
+/// side: the kernel's readahead reads of one stream arrive slightly out of order).
+pub const NEAR: u64 = 1024 * 1024;
+/// Under a cap, the read-ahead window holds at most what the cap delivers in this time:
+/// twice the limiter's in-flight horizon, which is what keeps a stream at the cap.
+pub const CAP_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The window, in blocks, for a handle reading through `limiters`: `max_window`, bounded
+/// under a cap to what the lowest cap delivers in [`CAP_WINDOW`], and never below two
+/// blocks (the one being read and the next). Measured without it: half of a 512 MiB file
+/// read through `--throughput 32` took 1.25x the ideal time (the window fetched far beyond
+/// the reader, sharing the cap between the blocks it needed and blocks it never read).
+pub fn window_under_cap(
+    max_window: u64,
+    limiters: &[Arc<crate::limit::RateLimiter>],
+    block_size: u64,
+) -> u64 {
+    let max_window = max_window.max(1);
+    match limiters.iter().filter_map(|l| l.bytes_per_sec()).min() {
+        None => max_window,
+        Some(rate) => {
+            let bytes = (rate as f64 * CAP_WINDOW.as_secs_f64()) as u64;
+            bytes.div_ceil(block_size.max(1)).max(2).min(max_window)
+        }
+    }
+}
 /// Semaphore permits are KiB: tokio semaphores count in u32 units.
 const PERMIT_UNIT: u64 = 1024;
 
@@ -135,13 +174,15 @@ impl PrefetchBudget {
         &self,
         data: BlockFuture,
         permit: Option<OwnedSemaphorePermit>,
-        abort: Option<AbortHandle>,
+        read_ahead: Option<(AbortHandle, Arc<AtomicBool>)>,
     ) -> Arc<Hold> {
-        let consumed = abort.is_none(); // only read-ahead has a task to abort
+        let consumed = read_ahead.is_none(); // only read-ahead has a task to abort
+        let (abort, urgent) = read_ahead.unzip();
         let h = Arc::new(Hold(std::sync::Mutex::new(Some(Held {
             data,
             permit,
             abort,
+            urgent,
             consumed,
         }))));
         let mut q = self.holds.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,6 +213,8 @@ struct Held {
     data: BlockFuture,
     permit: Option<OwnedSemaphorePermit>,
     abort: Option<AbortHandle>,
+    /// Read-ahead's urgency at the limiter, raised when a reader reaches it.
+    urgent: Option<Arc<AtomicBool>>,
     /// A reader has had this block (a miss, or read-ahead it reached).
     consumed: bool,
 }
@@ -199,6 +242,9 @@ impl Hold {
         if let Some(h) = g.as_mut() {
             h.abort = None;
             h.consumed = true;
+            if let Some(u) = &h.urgent {
+                u.store(true, Ordering::Relaxed); // a reader waits for it now
+            }
         }
     }
 
@@ -253,6 +299,8 @@ pub struct Prefetcher {
     /// 4.3 s after (same machine, same emulator). A block moved here from `ahead` keeps its
     /// hold, so memory stays bounded.
     recent: BTreeMap<u64, Arc<Hold>>,
+    /// Whether reads are served by blocks and read-ahead (else by pieces).
+    streaming: bool,
     /// Set by a read whose block failed: the next plan drops everything the handle holds
     /// (failed futures included) and starts the stream again, as mountpoint-s3 resets its
     /// prefetcher. Without it a failed block's future stayed held and every later read of
@@ -283,6 +331,7 @@ impl Prefetcher {
             last_block: None,
             ahead: BTreeMap::new(),
             recent: BTreeMap::new(),
+            streaming: false,
             failed: Default::default(),
         }
     }
@@ -314,22 +363,33 @@ impl Prefetcher {
         let first = offset / bs;
         let last = (end - 1) / bs;
 
-        if self
-            .failed
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.failed.swap(false, Ordering::Relaxed) {
             // A block failed since the last plan: nothing held is trusted, the stream
             // starts again from this read.
             self.cancel_all();
             self.window = INITIAL_WINDOW.min(self.max_window);
             self.last_block = None;
+            self.streaming = false;
         }
-        // A handle's first read starts a stream wherever it lands (range readers, tail).
-        let sequential = self.last_block.is_none()
-            || (offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs);
-        if !sequential {
+        let sequential = if self.streaming {
+            offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs
+        } else {
+            // A small object is one GET whatever the access; else a stream starts where a
+            // read continues the previous one.
+            size <= bs
+                || (self.last_block.is_some()
+                    && offset + NEAR >= self.next_offset
+                    && offset <= self.next_offset + NEAR)
+        };
+        if !sequential && self.streaming {
             self.cancel_all();
             self.window = INITIAL_WINDOW.min(self.max_window);
+        }
+        self.streaming = sequential;
+        if !sequential && !self.at_hand(first, last) {
+            self.last_block = Some(last);
+            self.next_offset = end;
+            return self.piece(offset..end);
         }
         // Blocks more than one behind this read are no longer needed. The one just behind
         // is kept: the kernel's readahead delivers reads of one stream slightly out of
@@ -402,7 +462,7 @@ impl Prefetcher {
                     r = cache.get_or_fetch(&store, &obj, first + i as u64).await;
                 }
                 if r.is_err() {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    failed.store(true, Ordering::Relaxed);
                 }
                 r
             }
@@ -427,6 +487,33 @@ impl Prefetcher {
         .boxed()
     }
 
+    /// Whether every block of `first..=last` is held by the handle or in the cache.
+    fn at_hand(&self, first: u64, last: u64) -> bool {
+        let usable = |h: &Arc<Hold>| h.data().is_some_and(|d| !matches!(d.peek(), Some(Err(_))));
+        (first..=last).all(|b| {
+            self.ahead.get(&b).is_some_and(usable)
+                || self.recent.get(&b).is_some_and(usable)
+                || self.cache.contains(&self.obj, b)
+        })
+    }
+
+    /// A read outside any stream: one ranged GET of exactly `range`, urgent at the limiter,
+    /// not cached (a random reader would evict blocks for bytes read once; the kernel's page
+    /// cache keeps what it reads).
+    fn piece(&self, range: std::ops::Range<u64>) -> BoxFuture<'static, Result<Bytes, Arc<Error>>> {
+        let (store, obj) = (self.store.clone(), self.obj.clone());
+        async move {
+            let urgent = Arc::new(AtomicBool::new(true));
+            crate::limit::with_urgency(
+                urgent,
+                store.read_range(&obj.id.key, &obj.id.version, range),
+            )
+            .await
+            .map_err(Arc::new)
+        }
+        .boxed()
+    }
+
     /// Keeps `window` blocks from `from` on in flight, as far as the budget allows.
     fn schedule_ahead(&mut self, from: u64) {
         let nblocks = self.cache.block_count(self.obj.size);
@@ -443,8 +530,8 @@ impl Prefetcher {
                 self.window = (self.ahead.len() as u64).max(1);
                 break;
             };
-            let (data, abort) = self.spawn_fetch(b);
-            let hold = self.budget.hold(data, Some(permit), Some(abort));
+            let (data, abort, urgent) = self.spawn_fetch(b);
+            let hold = self.budget.hold(data, Some(permit), Some((abort, urgent)));
             self.ahead.insert(b, hold);
         }
     }
@@ -468,7 +555,9 @@ impl Prefetcher {
         let my_slot = slot.clone();
         let data = async move {
             let permit = budget.reserve_for_demand(len).await;
-            let r = cache.get_or_fetch(&store, &obj, index).await;
+            let urgent = Arc::new(AtomicBool::new(true));
+            let fetch = cache.get_or_fetch(&store, &obj, index);
+            let r = crate::limit::with_urgency(urgent, fetch).await;
             match my_slot.get().and_then(std::sync::Weak::upgrade) {
                 Some(hold) => hold.set_permit(permit),
                 None => drop(permit), // the handle has let go of the block already
@@ -482,10 +571,15 @@ impl Prefetcher {
         (data, hold)
     }
 
-    /// A read-ahead fetch: runs on its own task so it progresses without being polled.
-    fn spawn_fetch(&self, index: u64) -> (BlockFuture, AbortHandle) {
+    /// A read-ahead fetch: runs on its own task so it progresses without being polled; not
+    /// urgent at the limiter until a reader reaches it ([`Hold::disarm`]).
+    fn spawn_fetch(&self, index: u64) -> (BlockFuture, AbortHandle, Arc<AtomicBool>) {
         let (store, cache, obj) = (self.store.clone(), self.cache.clone(), self.obj.clone());
-        let task = tokio::spawn(async move { cache.get_or_fetch(&store, &obj, index).await });
+        let urgent = Arc::new(AtomicBool::new(false));
+        let fetch = crate::limit::with_urgency(urgent.clone(), async move {
+            cache.get_or_fetch(&store, &obj, index).await
+        });
+        let task = tokio::spawn(fetch);
         let abort = task.abort_handle();
         let data = async move {
             match task.await {
@@ -497,7 +591,7 @@ impl Prefetcher {
         }
         .boxed()
         .shared();
-        (data, abort)
+        (data, abort, urgent)
     }
 
     fn cancel_all(&mut self) {
@@ -637,9 +731,13 @@ mod tests {
         let mut idle: Vec<Prefetcher> = (0..8)
             .map(|_| Prefetcher::new(store.clone(), cache.clone(), budget.clone(), obj.clone(), 4))
             .collect();
-        // Eight handles each read one block and stop: they hold what the budget has.
+        // Eight handles each start a stream (a read, then one continuing it) and stop: they
+        // hold what the budget has.
         for (h, p) in idle.iter_mut().enumerate() {
-            p.plan_read(h as u64 * 16 * BS, BS).await.unwrap();
+            p.plan_read(h as u64 * 16 * BS, 100).await.unwrap();
+            p.plan_read(h as u64 * 16 * BS + 100, BS - 100)
+                .await
+                .unwrap();
         }
         assert_eq!(
             budget.in_use(),
@@ -695,9 +793,11 @@ mod tests {
         let cache = BlockCache::new(64 * BS, BS);
         let budget = PrefetchBudget::new(32 * BS);
         let mut p = Prefetcher::new(store, cache, budget, obj, 8);
-        // The first read schedules read-ahead of blocks 1 and 2 (spawned, not yet run on
-        // this single thread); its own block is fetched when it is awaited.
-        let first = p.plan_read(0, BS);
+        // A first read (a piece), then one that continues it: the stream starts and read-ahead
+        // of the next blocks is scheduled (spawned, not yet run on this single thread); the
+        // read's own block is fetched when it is awaited.
+        assert_eq!(&p.plan_read(0, 1000).await.unwrap()[..], &data[..1000]);
+        let first = p.plan_read(1000, BS - 1000);
         assert!(p.ahead_blocks() >= 1);
         // The object is away while the read-ahead runs: it fails.
         let saved = dir.path().join("saved");
@@ -706,7 +806,7 @@ mod tests {
         // for) to run and fail.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         std::fs::rename(&saved, dir.path().join("obj")).unwrap();
-        assert_eq!(&first.await.unwrap()[..], &data[..BS as usize]);
+        assert_eq!(&first.await.unwrap()[..], &data[1000..BS as usize]);
         // The reader reaches block 1: its read-ahead failed long ago, the reader's read
         // fetches it again instead of failing.
         let got = p

@@ -37,7 +37,7 @@ pub use url::{Scheme, SourceUrl};
 pub use version::Version;
 
 use crate::error::{Error, Result};
-use crate::limit::{Admitted, RateLimiter};
+use crate::limit::{Admitted, RateLimiter, Ticket};
 
 /// Everything needed to reach a source.
 #[derive(Debug, Clone)]
@@ -123,6 +123,9 @@ pub struct Store {
     source: SourceUrl,
     endpoint: String,
     limiters: Arc<[Arc<RateLimiter>]>,
+    /// This store's share of its limiters (see `limit.rs`): a node cap is divided between
+    /// stores (volumes) first. Clones are the same flow.
+    flow: u64,
     stats: Arc<StoreStats>,
 }
 
@@ -171,6 +174,9 @@ pub struct Preflight {
     pub empty: bool,
 }
 
+/// Flow numbers of stores (each [`Store::new`] is a flow of its limiters).
+static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Store {
     /// Builds the store. `limiters` are all applied to every byte read (e.g. the mount's own
     /// cap and the node-wide cap); pass an empty vec for no limit.
@@ -181,6 +187,7 @@ impl Store {
             source: cfg.source.clone(),
             endpoint,
             limiters: limiters.into(),
+            flow: NEXT_FLOW.fetch_add(1, Ordering::Relaxed),
             stats: Arc::new(StoreStats::default()),
         })
     }
@@ -218,6 +225,14 @@ impl Store {
             })
             .clone()
             .map_err(Error::InvalidOption)
+    }
+
+    /// This store's place in its limiters' queues, as nobody waits for it in particular.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            flow: self.flow,
+            urgent: None,
+        }
     }
 
     /// The limiters every byte sent or received pays.
@@ -533,6 +548,10 @@ impl Store {
             piece,
             stream: None,
             admitted: Vec::new(),
+            ticket: Ticket {
+                flow: self.flow,
+                urgent: crate::limit::current_urgency(),
+            },
             pending: Default::default(),
             got: 0,
             finished: range_is_empty,
@@ -603,6 +622,9 @@ pub struct RangeReader {
     stream: Option<opendal::BufferStream>,
     /// The current GET's bytes not yet paid, per capped limiter.
     admitted: Vec<Admitted>,
+    /// Who the GETs are for, in the limiters' queues: this store's flow, and whether a
+    /// reader waits (set by [`crate::limit::with_urgency`] around the read).
+    ticket: Ticket,
     pending: std::collections::VecDeque<Bytes>,
     got: u64,
     /// Every byte arrived and was checked (or the range was empty).
@@ -624,7 +646,7 @@ impl RangeReader {
         let len = next.end - next.start;
         self.admitted.clear();
         for limiter in self.store.limiters.iter() {
-            if let Some(a) = limiter.admit(len).await {
+            if let Some(a) = limiter.admit(len, &self.ticket).await {
                 self.admitted.push(a);
             }
         }
@@ -664,7 +686,7 @@ impl RangeReader {
             };
             let n = buf.len() as u64;
             for limiter in self.store.limiters.iter() {
-                limiter.acquire(n).await;
+                limiter.acquire_for(n, &self.ticket).await;
             }
             for a in &mut self.admitted {
                 a.paid(n);

@@ -55,8 +55,9 @@ impl UploadSink {
     /// Sends `data` (paid to the limiters first).
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
         let n = data.len() as u64;
+        let ticket = self.store.ticket();
         for limiter in self.store.limiters.iter() {
-            limiter.acquire(n).await;
+            limiter.acquire_for(n, &ticket).await;
         }
         self.crc.update(&data);
         self.bytes += n;
