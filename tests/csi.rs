@@ -357,6 +357,81 @@ fn node_cap_holds_across_three_volumes() {
     );
 }
 
+/// Reads `path` in 256 KiB reads from the start until `until` after `start`; returns the
+/// reader's rate in MiB/s between its first read after `from` and its last before `until`
+/// (bytes arrive a block at a time: counting what fell inside a fixed window would be off
+/// by up to a block).
+fn rate_between(path: &Path, start: Instant, from: Duration, until: Duration) -> f64 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut total, mut first, mut last) = (0u64, None, None);
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        let t = start.elapsed();
+        total += n as u64;
+        if n == 0 || t >= until {
+            break;
+        }
+        if t >= from {
+            first.get_or_insert((t, total));
+            last = Some((t, total));
+        }
+    }
+    let ((t0, b0), (t1, b1)) = (first.unwrap(), last.unwrap());
+    (b1 - b0) as f64 / MIB as f64 / (t1 - t0).as_secs_f64()
+}
+
+#[test]
+fn the_node_cap_is_shared_per_volume_then_per_reader() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let size = 160 * MIB;
+    put_files(&emu, "fair-a/", 2, size, 60);
+    put_files(&emu, "fair-b/", 1, size, 70);
+    let p = Plugin::start(&["--node-throughput", "20"]);
+    let (ta, tb) = (p.target("pa"), p.target("pb"));
+    p.publish("vol-a", &ta, &ctx(&s3_volume(&emu, "fair-a/"), &[]))
+        .unwrap();
+    p.publish("vol-b", &tb, &ctx(&s3_volume(&emu, "fair-b/"), &[]))
+        .unwrap();
+    // Volume a has two readers, volume b one; counted over 10 s after a 1 s start.
+    let (from, until) = (Duration::from_secs(1), Duration::from_secs(11));
+    let start = Instant::now();
+    let paths = [ta.join("f0.bin"), ta.join("f1.bin"), tb.join("f0.bin")];
+    let got: Vec<f64> = std::thread::scope(|s| {
+        let readers: Vec<_> = paths
+            .iter()
+            .map(|p| s.spawn(move || rate_between(p, start, from, until)))
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let (a1, a2, b) = (got[0], got[1], got[2]);
+    eprintln!(
+        "MEASURED node cap 20 MiB/s over 10 s: volume a {:.2} MiB/s (readers {a1:.2} and {a2:.2}), volume b {b:.2} MiB/s (one reader)",
+        a1 + a2
+    );
+    assert!(
+        ((a1 + a2 + b) / 20.0 - 1.0).abs() <= 0.10,
+        "node cap 20 MiB/s, measured {:.2}",
+        a1 + a2 + b
+    );
+    // Before: shared per reader, 2/3 and 1/3 (26.7 and 13.3 of 40).
+    assert!(
+        ((a1 + a2) / b - 1.0).abs() <= 0.05,
+        "volume a {:.2} MiB/s, volume b {b:.2} MiB/s",
+        a1 + a2
+    );
+    assert!(
+        (a1 / a2 - 1.0).abs() <= 0.05,
+        "the readers of volume a: {a1:.2} and {a2:.2} MiB/s"
+    );
+    p.unpublish("vol-a", &ta).unwrap();
+    p.unpublish("vol-b", &tb).unwrap();
+}
+
 #[test]
 fn volume_throughput_caps_only_that_volume() {
     if !fuse_available() {

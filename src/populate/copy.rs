@@ -177,8 +177,9 @@ impl Fetcher {
     }
 }
 
-/// `0..size` cut into consecutive ranges of at most `part` bytes.
+/// `0..size` cut into consecutive ranges of at most `part` bytes (a `part` of 0 counts as 1).
 pub fn split_ranges(size: u64, part: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+    let part = part.max(1);
     (0..size)
         .step_by(part as usize)
         .map(move |start| start..(start + part).min(size))

@@ -6,8 +6,9 @@
 //! by the handle or in the cache), so a random reader pays for 256 KiB, not for a 4 MiB
 //! block, per miss (fio randread 256 KiB at iodepth 1, 20 ms first byte: see
 //! `bench/results/readpath.md`). A read that lands within [`NEAR`] of where the previous one
-//! ended starts the stream; so does the first read of an object that fits in one block (one
-//! GET for the whole small file). Streaming, a read is *sequential* when it lands within
+//! ended starts the stream; so does a first read at offset 0 (how `cp`, `cat` and every
+//! whole-file reader begin: a piece there would fetch its bytes twice) and any read of an
+//! object that fits in one block (one GET for the whole small file). Streaming, a read is *sequential* when it lands within
 //! one block behind or the current window ahead of the previous one (the kernel's own
 //! readahead delivers reads slightly out of order); anything else ends the stream: all
 //! read-ahead is cancelled (tasks aborted, memory released) and the read is a piece again.
@@ -374,9 +375,11 @@ impl Prefetcher {
         let sequential = if self.streaming {
             offset + bs >= self.next_offset && offset <= self.next_offset + self.window * bs
         } else {
-            // A small object is one GET whatever the access; else a stream starts where a
-            // read continues the previous one.
+            // A small object is one GET whatever the access; a first read at the start is
+            // how whole-file readers begin (a piece would fetch its bytes twice); else a
+            // stream starts where a read continues the previous one.
             size <= bs
+                || (self.last_block.is_none() && offset == 0)
                 || (self.last_block.is_some()
                     && offset + NEAR >= self.next_offset
                     && offset <= self.next_offset + NEAR)
@@ -793,11 +796,9 @@ mod tests {
         let cache = BlockCache::new(64 * BS, BS);
         let budget = PrefetchBudget::new(32 * BS);
         let mut p = Prefetcher::new(store, cache, budget, obj, 8);
-        // A first read (a piece), then one that continues it: the stream starts and read-ahead
-        // of the next blocks is scheduled (spawned, not yet run on this single thread); the
-        // read's own block is fetched when it is awaited.
-        assert_eq!(&p.plan_read(0, 1000).await.unwrap()[..], &data[..1000]);
-        let first = p.plan_read(1000, BS - 1000);
+        // The first read schedules read-ahead of blocks 1 and 2 (spawned, not yet run on
+        // this single thread); its own block is fetched when it is awaited.
+        let first = p.plan_read(0, BS);
         assert!(p.ahead_blocks() >= 1);
         // The object is away while the read-ahead runs: it fails.
         let saved = dir.path().join("saved");
@@ -806,7 +807,7 @@ mod tests {
         // for) to run and fail.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         std::fs::rename(&saved, dir.path().join("obj")).unwrap();
-        assert_eq!(&first.await.unwrap()[..], &data[1000..BS as usize]);
+        assert_eq!(&first.await.unwrap()[..], &data[..BS as usize]);
         // The reader reaches block 1: its read-ahead failed long ago, the reader's read
         // fetches it again instead of failing.
         let got = p
@@ -814,5 +815,90 @@ mod tests {
             .await
             .expect("failed read-ahead fetched again");
         assert_eq!(&got[..], &data[BS as usize..2 * BS as usize]);
+    }
+
+    #[tokio::test]
+    async fn random_reads_are_pieces_of_what_was_asked() {
+        let (_d, store, obj, data) = setup(256 * BS);
+        let cache = BlockCache::new(512 * BS, BS);
+        let budget = PrefetchBudget::new(64 * BS);
+        let mut p = Prefetcher::new(store.clone(), cache.clone(), budget.clone(), obj, 32);
+        let before = store.stats().bytes_read.load(Ordering::Relaxed);
+        let mut asked = 0;
+        // Far apart, never at offset 0: no read continues another.
+        for (i, off) in [200 * BS + 17, 3 * BS + 5, 120 * BS, 60 * BS + 999, 250 * BS]
+            .into_iter()
+            .enumerate()
+        {
+            let len = 1000 + i as u64 * 5000;
+            let got = p.plan_read(off, len).await.unwrap();
+            assert_eq!(&got[..], &data[off as usize..(off + len) as usize]);
+            asked += len;
+            assert_eq!(p.ahead_blocks(), 0, "read-ahead for a random read");
+        }
+        let fetched = store.stats().bytes_read.load(Ordering::Relaxed) - before;
+        assert_eq!(fetched, asked, "random reads fetch exactly what they ask");
+        assert_eq!(cache.weighted_size(), 0, "pieces are not cached as blocks");
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_continues_the_previous_one_starts_the_stream() {
+        let (_d, store, obj, data) = setup(256 * BS);
+        let cache = BlockCache::new(512 * BS, BS);
+        let budget = PrefetchBudget::new(64 * BS);
+        let mut p = Prefetcher::new(store, cache.clone(), budget, obj, 32);
+        let mut off = 100 * BS + 5;
+        p.plan_read(off, 4096).await.unwrap();
+        assert_eq!(p.ahead_blocks(), 0);
+        off += 4096;
+        let got = p.plan_read(off, BS).await.unwrap();
+        assert_eq!(&got[..], &data[off as usize..(off + BS) as usize]);
+        assert!(
+            p.ahead_blocks() > 0,
+            "no read-ahead once the reader continued"
+        );
+        // A block read at hand (in the cache) serves a random read without a piece.
+        let cached = 100 * BS + 77;
+        assert!(cache.contains(&p.obj, 100));
+        let got = p.plan_read(cached, 10).await.unwrap();
+        assert_eq!(&got[..], &data[cached as usize..cached as usize + 10]);
+        // A jump far away ends the stream: its read-ahead is cancelled.
+        p.plan_read(10 * BS, 10).await.unwrap();
+        assert_eq!(p.ahead_blocks(), 0);
+    }
+
+    #[test]
+    fn the_window_under_a_cap_is_what_the_cap_delivers_in_200_ms() {
+        use crate::limit::RateLimiter;
+        let mib = 1024 * 1024;
+        let lim = |r: f64| vec![Arc::new(RateLimiter::new_mib(r))];
+        assert_eq!(
+            window_under_cap(16, &[], 4 * mib),
+            16,
+            "no cap: as configured"
+        );
+        assert_eq!(
+            window_under_cap(16, &lim(32.0), 4 * mib),
+            2,
+            "6.4 MiB: two blocks"
+        );
+        assert_eq!(
+            window_under_cap(16, &lim(1.0), 4 * mib),
+            2,
+            "never below two"
+        );
+        assert_eq!(window_under_cap(16, &lim(200.0), 4 * mib), 10);
+        assert_eq!(
+            window_under_cap(16, &lim(2000.0), 4 * mib),
+            16,
+            "never above the max"
+        );
+        // The lowest of stacked caps counts (a volume cap under a node cap).
+        let both = vec![
+            Arc::new(RateLimiter::new_mib(2000.0)),
+            Arc::new(RateLimiter::new_mib(100.0)),
+        ];
+        assert_eq!(window_under_cap(16, &both, 4 * mib), 5);
     }
 }
