@@ -34,6 +34,8 @@ import bench  # noqa: E402  (the fill benchmark's emulator, mounts and helpers)
 from bench import AK, BUCKET, EP, MIB, SK, env, log, sh  # noqa: E402
 
 PEERS = ["fillfs", "rclone", "s3fs"]
+# `--baseline BIN`: another fillfs build measured beside as "fillfs-before" (same jobs).
+BASELINE = None
 PREFIX = "rp"
 
 
@@ -44,8 +46,9 @@ def mount(kind, work, cap_mib=None, prefix=PREFIX):
     s3 = ["--s3-provider", "Other", "--s3-endpoint", EP, "--s3-access-key-id", AK,
           "--s3-secret-access-key", SK, "--s3-region", "us-east-1"]
     extra_env = {}
-    if kind == "fillfs":
-        cmd = [bench.FILLFS, "mount", f"s3://{BUCKET}/{prefix}", mnt, "--endpoint", EP,
+    if kind.startswith("fillfs"):
+        binary = BASELINE if kind == "fillfs-before" else bench.FILLFS
+        cmd = [binary, "mount", f"s3://{BUCKET}/{prefix}", mnt, "--endpoint", EP,
                "--metrics-addr", "127.0.0.1:9811"]
         if cap_mib:
             cmd += ["--throughput", str(cap_mib)]
@@ -124,7 +127,7 @@ def partial_read(kind, work, path_rel, half):
                 left -= n
         secs = time.monotonic() - t0
         time.sleep(0.5)
-        fetched = metric(scrape(), "fillfs_store_read_bytes_total") if kind == "fillfs" else None
+        fetched = metric(scrape(), "fillfs_store_read_bytes_total") if kind.startswith("fillfs") else None
     finally:
         m.close()
     return dict(secs=secs, ideal=half / MIB / 32, fetched_mib=fetched / MIB if fetched else None)
@@ -160,13 +163,17 @@ def latency_probe(kind, work, stream_rel, probe_rel):
                 p99_ms=pct.get("99.000000", 0) / 1e6, max_ms=clat["max"] / 1e6)
 
 
-def ls_l(kind, work, files):
+def ls_l(kind, work, files, timeout):
     m = mount(kind, work, prefix=f"{PREFIX}/dir")
     try:
         out = []
         for _ in range(2):
             t0 = time.monotonic()
-            r = subprocess.run(["ls", "-l", m.mnt], capture_output=True, text=True, timeout=600)
+            try:
+                r = subprocess.run(["ls", "-l", m.mnt], capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log(f"ls -l through {kind}: over {timeout} s")
+                return dict(cold=None, warm=None, timeout=timeout)
             out.append(time.monotonic() - t0)
             n = len(r.stdout.splitlines()) - 1
             if n != files:
@@ -198,11 +205,17 @@ def main():
     ap.add_argument("--out", default=str(bench.ROOT / "bench/results"))
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--files", type=int, default=20000, help="objects in the ls -l directory")
+    ap.add_argument("--ls-timeout", type=int, default=300, help="seconds one ls -l may take before it counts as too slow")
     ap.add_argument("--only", default="", help="comma-separated: random,seq,partial,probe,ls")
+    ap.add_argument("--baseline", help="another fillfs binary, measured as the peer fillfs-before (not for ls)")
     a = ap.parse_args()
+    global BASELINE
+    BASELINE = a.baseline
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     peers = [p for p in a.peers.split(",") if p]
+    if a.baseline:
+        peers.insert(1, "fillfs-before")
     only = set(a.only.split(",")) - {""}
     want = lambda k: not only or k in only
     res = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), peers=peers, fio={}, partial={}, probe={}, ls={})
@@ -222,25 +235,38 @@ def main():
                     m.close()
                 res["fio"].setdefault(label, {})[kind] = bw
                 log(f"{label} {kind}: {bw}")
+                save(res, a.out)
             if want("partial"):
                 res["partial"][kind] = partial_read(kind, work, "half.bin", 256 * MIB)
                 log(f"partial {kind}: {res['partial'][kind]}")
+                save(res, a.out)
             if want("probe"):
                 res["probe"][kind] = latency_probe(kind, work, "big.bin", "probe.bin")
                 log(f"probe {kind}: {res['probe'][kind]}")
-            if want("ls"):
-                res["ls"][kind] = ls_l(kind, work, a.files)
+                save(res, a.out)
+            if want("ls") and kind != "fillfs-before":
+                res["ls"][kind] = ls_l(kind, work, a.files, a.ls_timeout)
                 log(f"ls {kind}: {res['ls'][kind]}")
+                save(res, a.out)
     finally:
         emu.close()
-    out = Path(a.out)
+    save(res, a.out)
+    report(res, Path(a.out))
+
+
+def save(res, out):
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "readpath.json").write_text(json.dumps(res, indent=1))
-    report(res, out)
+    name = os.environ.get("READPATH_JSON", "readpath.json")
+    (out / name).write_text(json.dumps(res, indent=1))
 
 
 def fmt(x, spec="{:.1f}"):
-    return spec.format(x) if x is not None else "–"
+    if x is None:
+        return "–"
+    if spec == "{:.1f}" and abs(x) < 1:
+        spec = "{:.3f}"
+    return spec.format(x)
 
 
 def report(res, out):
@@ -251,11 +277,15 @@ def report(res, out):
              "submodules cannot be fetched offline).", ""]
     if res["fio"]:
         lines += ["## fio (MiB/s; random jobs O_DIRECT, 20 s)", "",
-                  "| job | " + " | ".join(peers) + " | fillfs / best peer |", "|---" * (len(peers) + 2) + "|"]
+                  "| job | " + " | ".join(peers) + " | fillfs / best other peer |", "|---" * (len(peers) + 2) + "|"]
         for job, by in res["fio"].items():
-            others = [by.get(p) for p in peers if p != "fillfs" and by.get(p)]
+            others = [by.get(p) for p in peers if not p.startswith("fillfs") and by.get(p)]
             ratio = by.get("fillfs") / max(others) if others and by.get("fillfs") else None
             lines.append(f"| {job} | " + " | ".join(fmt(by.get(p)) for p in peers) + f" | {fmt(ratio, '{:.2f}')} |")
+        lines.append("")
+    for note in res.get("notes", []):
+        lines += [f"- {note}"]
+    if res.get("notes"):
         lines.append("")
     if res["partial"]:
         lines += ["## The first half (256 MiB) of a 512 MiB file at a 32 MiB/s cap (ideal 8.0 s)", "",
@@ -278,7 +308,10 @@ def report(res, out):
     if res["ls"]:
         lines += ["## `ls -l` of one directory of 20,000 objects (seconds)", "", "| peer | cold | warm |", "|---|---|---|"]
         for p, r in res["ls"].items():
-            lines.append(f"| {p} | {fmt(r and r['cold'], '{:.2f}')} | {fmt(r and r['warm'], '{:.2f}')} |")
+            if r and r.get("timeout"):
+                lines.append(f"| {p} | over {r['timeout']} s (stopped) | |")
+            else:
+                lines.append(f"| {p} | {fmt(r and r['cold'], '{:.2f}')} | {fmt(r and r['warm'], '{:.2f}')} |")
         lines.append("")
     (out / "readpath.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -74,6 +74,12 @@ impl InodeTable {
         self.nodes.get(&ino).cloned()
     }
 
+    /// The node now named `name` in directory `parent` (the newest version listed).
+    pub fn child(&self, parent: Ino, name: &str) -> Option<Arc<Node>> {
+        let ino = self.by_name.get(&(parent, name.to_string()))?;
+        self.nodes.get(ino).cloned()
+    }
+
     /// Inserts or refreshes child `name` of `parent`. A path that changed kind (file ↔ dir)
     /// or version gets a new inode, so the kernel never sees a file turn into a directory
     /// or into other bytes in place. Returns the node and whether it replaced an inode the

@@ -158,6 +158,12 @@ impl Fs {
         self.node(ino)
     }
 
+    /// The node now named `name` in directory `parent`: the newest version any listing
+    /// showed, which may be newer than an open directory handle's snapshot.
+    pub fn child(&self, parent: Ino, name: &str) -> Option<Arc<Node>> {
+        self.inodes.lock().expect("inode lock").child(parent, name)
+    }
+
     /// The children of directory `ino`, from the listing cache or one LIST.
     pub async fn readdir(&self, ino: Ino) -> Result<Listing> {
         let dir = self.node(ino)?;

@@ -25,7 +25,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
-use crate::fs::{Fs, Kind, Node};
+use crate::fs::{DirEntry, Fs, Ino, Kind, Node};
 
 /// Kernel-side tuning asked for at INIT; the kernel may grant less.
 const MAX_READAHEAD: u32 = 1024 * 1024;
@@ -77,6 +77,33 @@ fn attr(fs: &Fs, n: &Node) -> FileAttr {
     }
 }
 
+/// The listing a directory handle reads its page from (see [`Fs::readdir_handle`]) and
+/// the directory's parent; a failure is logged and turned into the kernel's errno.
+async fn dir_page(
+    fs: &Fs,
+    op: &str,
+    ino: Ino,
+    fh: u64,
+    offset: u64,
+) -> std::result::Result<(Arc<Vec<DirEntry>>, Ino), Errno> {
+    let listing = fs.readdir_handle(fh, offset).await.map_err(|e| {
+        log_failure(op, &format_args!("inode {ino}"), &e);
+        errno(&e)
+    })?;
+    let parent = fs.getattr(ino).map(|n| n.parent).unwrap_or(ino);
+    Ok((listing, parent))
+}
+
+/// Entry `i` of a directory as the kernel numbers them: ".", "..", then the listing.
+/// Indexed, so each page costs its own entries, not every entry before it.
+fn nth_entry(listing: &[DirEntry], ino: Ino, parent: Ino, i: usize) -> Option<(Ino, &str, Kind)> {
+    match i {
+        0 => Some((ino, ".", Kind::Dir)),
+        1 => Some((parent, "..", Kind::Dir)),
+        _ => listing.get(i - 2).map(|e| (e.ino, e.name.as_str(), e.kind)),
+    }
+}
+
 /// Logs an error answered to the kernel: expected misses quietly, store failures loudly.
 fn log_failure(op: &str, what: &dyn std::fmt::Display, e: &Error) {
     if e.to_errno() == libc::ENOENT {
@@ -97,6 +124,10 @@ impl fuser::Filesystem for Adapter {
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         let _ =
             config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ASYNC_READ);
+        // Direct I/O submitted asynchronously (as libfuse asks by default): an O_DIRECT
+        // reader's requests at iodepth 16 reach us together, not one at a time (measured:
+        // fio randread 256 KiB at iodepth 16 was no faster than at iodepth 1 without it).
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         // Always READDIRPLUS (not the kernel's AUTO heuristic): attributes cost nothing
         // extra here, they come with the listing.
         if config
@@ -241,28 +272,19 @@ impl fuser::Filesystem for Adapter {
     ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            let listing = match fs.readdir_handle(fh.0, offset).await {
-                Ok(l) => l,
-                Err(e) => {
-                    log_failure("readdir", &format_args!("inode {}", ino.0), &e);
-                    reply.error(errno(&e));
-                    return;
-                }
+            let (listing, parent) = match dir_page(&fs, "readdir", ino.0, fh.0, offset).await {
+                Ok(page) => page,
+                Err(e) => return reply.error(e),
             };
-            let parent = fs.getattr(ino.0).map(|n| n.parent).unwrap_or(ino.0);
-            let dots = [
-                (ino.0, ".", FileType::Directory),
-                (parent, "..", FileType::Directory),
-            ];
-            let entries = dots.into_iter().chain(listing.iter().map(|e| {
-                let kind = if e.kind == Kind::Dir {
+            for i in offset as usize.. {
+                let Some((ino, name, kind)) = nth_entry(&listing, ino.0, parent, i) else {
+                    break;
+                };
+                let kind = if kind == Kind::Dir {
                     FileType::Directory
                 } else {
                     FileType::RegularFile
                 };
-                (e.ino, e.name.as_str(), kind)
-            }));
-            for (i, (ino, name, kind)) in entries.enumerate().skip(offset as usize) {
                 if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
                     break;
                 }
@@ -286,29 +308,25 @@ impl fuser::Filesystem for Adapter {
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.rt.spawn(async move {
-            let listing = match fs.readdir_handle(fh.0, offset).await {
-                Ok(l) => l,
-                Err(e) => {
-                    log_failure("readdirplus", &format_args!("inode {}", ino.0), &e);
-                    reply.error(errno(&e));
-                    return;
-                }
+            let (listing, parent) = match dir_page(&fs, "readdirplus", ino.0, fh.0, offset).await {
+                Ok(page) => page,
+                Err(e) => return reply.error(e),
             };
-            let Ok(dir) = fs.getattr(ino.0) else {
-                reply.error(Errno::ENOENT);
-                return;
-            };
-            let parent = fs.getattr(dir.parent).unwrap_or_else(|_| dir.clone());
-            let dots = [(".", dir.clone()), ("..", parent)];
-            let children = listing
-                .iter()
-                .filter_map(|e| fs.getattr(e.ino).ok().map(|n| (e.name.as_str(), n)));
-            for (i, (name, node)) in dots
-                .into_iter()
-                .chain(children)
-                .enumerate()
-                .skip(offset as usize)
-            {
+            for i in offset as usize.. {
+                let Some((entry, name, _)) = nth_entry(&listing, ino.0, parent, i) else {
+                    break;
+                };
+                // The name as the newest listing has it: a snapshot taken before a path
+                // was replaced must not link the name to the old version in the kernel
+                // (plain READDIR creates no entries; this does).
+                let node = if i < 2 {
+                    fs.getattr(entry).ok()
+                } else {
+                    fs.child(ino.0, name).or_else(|| fs.getattr(entry).ok())
+                };
+                let Some(node) = node else {
+                    continue; // listed, so known; an entry that is not is left out
+                };
                 let a = attr(&fs, &node);
                 if reply.add(
                     INodeNo(node.ino),

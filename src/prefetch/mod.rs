@@ -462,7 +462,9 @@ impl Prefetcher {
             async move {
                 let mut r = part.await;
                 if r.is_err() && ahead {
-                    r = cache.get_or_fetch(&store, &obj, first + i as u64).await;
+                    let urgent = Arc::new(AtomicBool::new(true));
+                    let fetch = cache.get_or_fetch(&store, &obj, first + i as u64);
+                    r = crate::limit::with_urgency(urgent, fetch).await;
                 }
                 if r.is_err() {
                     failed.store(true, Ordering::Relaxed);
@@ -547,9 +549,13 @@ impl Prefetcher {
         let len = range.end - range.start;
         let (store, cache, obj) = (self.store.clone(), self.cache.clone(), self.obj.clone());
         if self.cache.contains(&self.obj, index) {
-            let data = async move { cache.get_or_fetch(&store, &obj, index).await }
-                .boxed()
-                .shared();
+            // Urgent too: the block may be evicted before it is taken, and then fetched.
+            let data = async move {
+                let urgent = Arc::new(AtomicBool::new(true));
+                crate::limit::with_urgency(urgent, cache.get_or_fetch(&store, &obj, index)).await
+            }
+            .boxed()
+            .shared();
             let permit = self.budget.try_reserve(len);
             return (data.clone(), self.budget.hold(data, permit, None));
         }
