@@ -207,9 +207,12 @@ impl Flight {
     fn grant(self: &Arc<Self>, st: &mut FlightState) -> Vec<(oneshot::Sender<Admitted>, Admitted)> {
         let mut out = Vec::new();
         st.waiting.retain(|w| !w.tx.is_closed());
-        while let Some(i) = next_in_line(&st.waiting, |w| {
+        while let Some((i, earliest)) = next_in_line(&st.waiting, |w| {
             (w.ticket.flow, w.ticket.is_urgent(), w.finish, w.arrival)
         }) {
+            swap_tags(&mut st.waiting, i, earliest, |w| {
+                (&mut w.start, &mut w.finish)
+            });
             if st.waiting[i].bytes > st.free {
                 break;
             }
@@ -467,10 +470,14 @@ impl PaceState {
     }
 
     /// The waiter to serve next (see [`next_in_line`]).
-    fn head(&self) -> Option<usize> {
-        next_in_line(&self.waiting, |w| {
+    fn head(&mut self) -> Option<usize> {
+        let (i, earliest) = next_in_line(&self.waiting, |w| {
             (w.ticket.flow, w.ticket.is_urgent(), w.finish, w.id)
-        })
+        })?;
+        swap_tags(&mut self.waiting, i, earliest, |w| {
+            (&mut w.start, &mut w.finish)
+        });
+        Some(i)
     }
 
     /// Books every waiter whose turn has come, in order, telling each when its bytes are
@@ -494,19 +501,45 @@ impl PaceState {
 /// Which of `waiting` to serve next: the flow whose earliest request has the smallest
 /// finish tag (fair between flows whatever their urgency), and within that flow the
 /// earliest urgent request, else its earliest. `key` gives (flow, urgent, finish tag,
-/// arrival).
-fn next_in_line<W>(waiting: &[W], key: impl Fn(&W) -> (u64, bool, u64, u64)) -> Option<usize> {
-    let flow = waiting
-        .iter()
-        .map(&key)
-        .min_by_key(|&(_, _, finish, arrival)| (finish, arrival))?
-        .0;
-    (0..waiting.len())
+/// arrival). Returns the request to serve and the flow's earliest one: the caller swaps
+/// their tags ([`swap_tags`]), so the flow spends its earliest slot whichever request uses
+/// it (serving a later tag moved virtual time past other flows' turns: measured, a volume
+/// of two readers then took 14.7 of 20 MiB/s against 6.7).
+fn next_in_line<W>(
+    waiting: &[W],
+    key: impl Fn(&W) -> (u64, bool, u64, u64),
+) -> Option<(usize, usize)> {
+    let earliest = (0..waiting.len()).min_by_key(|&i| {
+        let (_, _, finish, arrival) = key(&waiting[i]);
+        (finish, arrival)
+    })?;
+    let flow = key(&waiting[earliest]).0;
+    let serve = (0..waiting.len())
         .filter(|&i| key(&waiting[i]).0 == flow)
         .min_by_key(|&i| {
             let (_, urgent, finish, arrival) = key(&waiting[i]);
             (!urgent, finish, arrival)
         })
+        .unwrap_or(earliest);
+    Some((serve, earliest))
+}
+
+/// Gives request `i` the (start, finish) tags of request `j` and the other way round.
+fn swap_tags<W>(
+    waiting: &mut [W],
+    i: usize,
+    j: usize,
+    tags: impl Fn(&mut W) -> (&mut u64, &mut u64),
+) {
+    if i == j {
+        return;
+    }
+    let (a, b) = (i.min(j), i.max(j));
+    let (left, right) = waiting.split_at_mut(b);
+    let (s1, f1) = tags(&mut left[a]);
+    let (s2, f2) = tags(&mut right[0]);
+    std::mem::swap(s1, s2);
+    std::mem::swap(f1, f2);
 }
 
 #[cfg(test)]
@@ -659,8 +692,11 @@ mod tests {
             .expect("promoted request not admitted first")
             .unwrap();
         drop(a);
-        for o in others {
-            drop(o.await.unwrap());
+        // The others in any order (each holds the budget the next one needs until dropped).
+        use futures::StreamExt;
+        let mut others: futures::stream::FuturesUnordered<_> = others.into_iter().collect();
+        while let Some(o) = others.next().await {
+            drop(o.unwrap());
         }
     }
 
