@@ -165,14 +165,8 @@ impl Flight {
         let (tx, rx) = oneshot::channel();
         let granted = {
             let mut st = self.lock();
-            let last = st.flows.get(&ticket.flow).copied().unwrap_or(0);
-            let start = st.vtime.saturating_sub(self.budget).max(last);
-            let finish = start + bytes;
-            st.flows.insert(ticket.flow, finish);
-            if st.flows.len() > 1024 {
-                let v = st.vtime;
-                st.flows.retain(|_, f| *f > v);
-            }
+            let vtime = st.vtime;
+            let (start, finish) = fair_tags(&mut st.flows, vtime, ticket.flow, bytes, self.budget);
             st.arrivals += 1;
             let arrival = st.arrivals;
             st.waiting.push(Waiter {
@@ -441,15 +435,7 @@ struct Pacing {
 impl PaceState {
     /// Start and finish tags for `bytes` of `flow`, charged to the flow.
     fn tags(&mut self, flow: u64, bytes: u64, credit: u64) -> (u64, u64) {
-        let last = self.flows.get(&flow).copied().unwrap_or(0);
-        let start = self.vtime.saturating_sub(credit).max(last);
-        let finish = start.saturating_add(bytes);
-        self.flows.insert(flow, finish);
-        if self.flows.len() > 1024 {
-            let v = self.vtime;
-            self.flows.retain(|_, f| *f > v);
-        }
-        (start, finish)
+        fair_tags(&mut self.flows, self.vtime, flow, bytes, credit)
     }
 
     /// When bytes costing `cost` may be booked: once the clock plus their cost is within
@@ -496,6 +482,27 @@ impl PaceState {
             let _ = w.tx.send(due); // gone since the retain: its bytes stay booked
         }
     }
+}
+
+/// Start and finish tags (start-time fair queueing, in bytes) for `bytes` of `flow` at
+/// virtual time `vtime`, charged to the flow: a flow starts where it last finished, or up
+/// to `credit` behind `vtime` if it has been idle. Flows at or below `vtime` are pruned
+/// when many are known (a new flow starts near `vtime` anyway).
+fn fair_tags(
+    flows: &mut HashMap<u64, u64>,
+    vtime: u64,
+    flow: u64,
+    bytes: u64,
+    credit: u64,
+) -> (u64, u64) {
+    let last = flows.get(&flow).copied().unwrap_or(0);
+    let start = vtime.saturating_sub(credit).max(last);
+    let finish = start.saturating_add(bytes);
+    flows.insert(flow, finish);
+    if flows.len() > 1024 {
+        flows.retain(|_, f| *f > vtime);
+    }
+    (start, finish)
 }
 
 /// Which of `waiting` to serve next: the flow whose earliest request has the smallest
