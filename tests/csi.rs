@@ -1224,6 +1224,24 @@ fn endpoint_spellings_are_one() {
         "http://minio.local"
     );
     assert!(volume::normalize_endpoint("ftp://x").is_err());
+    assert_eq!(
+        volume::normalize_endpoint("http://[::1]:9000/b/").unwrap(),
+        "http://[::1]:9000/b"
+    );
+    // Found by the property test: a fragment or a space in the host is no host, and a
+    // doubled default port is no port.
+    for bad in [
+        "=# /",
+        "host name",
+        "host:443:443",
+        "h:0",
+        "h:99999",
+        "-h.com",
+        "h?x=1",
+        "h/a b",
+    ] {
+        assert!(volume::normalize_endpoint(bad).is_err(), "{bad:?}");
+    }
     let e = volume::normalize_endpoint("https://user:s3cr3t-pw@host").unwrap_err();
     assert!(
         e.contains("carries credentials") && !e.contains("s3cr3t-pw") && !e.contains("user:s3"),

@@ -37,6 +37,12 @@ fn key() -> impl Strategy<Value = String> {
     ]
 }
 
+/// Strings shaped like endpoints: scheme or none, labels, a port or none, a path or none,
+/// in any case, with stray characters now and then.
+fn endpoint() -> impl Strategy<Value = String> {
+    "( |(?i:https?|ftp)://)?[a-zA-Z0-9-]{1,8}(\\.[a-zA-Z0-9-]{1,8}){0,3}(\\[::1\\])?(:[0-9]{0,6}){0,2}(/[a-zA-Z0-9._~%:@/ ?#-]{0,12})?"
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
 
@@ -62,7 +68,7 @@ proptest! {
     /// repeat a password.
     #[test]
     fn endpoint_normalisation_is_idempotent_and_never_keeps_credentials(
-        raw in text(),
+        raw in prop_oneof![text(), endpoint()],
         password in "[a-z]{6,12}[0-9]{2}",
     ) {
         match volume::normalize_endpoint(&raw) {

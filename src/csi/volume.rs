@@ -258,18 +258,61 @@ pub fn normalize_endpoint(endpoint: &str) -> Result<String, String> {
             "endpoint {shown:?} must be a host (and port), e.g. oss-cn-hangzhou-internal.aliyuncs.com"
         ));
     }
-    let mut host = authority.to_ascii_lowercase();
-    let default_port = if scheme == "https" { ":443" } else { ":80" };
-    if let Some(h) = host.strip_suffix(default_port) {
-        host = h.to_string();
-    }
-    let normal = format!("{scheme}://{host}{path}");
-    match normal.parse::<http::Uri>() {
-        Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(normal),
-        _ => Err(format!(
+    let authority = authority.to_ascii_lowercase();
+    if !is_host_and_port(&authority) || !path.bytes().all(is_path_byte) {
+        return Err(format!(
             "endpoint {shown:?} is not a valid URL or host (e.g. oss-cn-hangzhou-internal.aliyuncs.com)"
-        )),
+        ));
     }
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    let host = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Ok(format!("{scheme}://{host}{path}"))
+}
+
+/// A DNS name, an IPv4 address or a bracketed IPv6 address, then an optional port:
+/// what an endpoint's authority may be (no user, no spaces, nothing a URL parser would
+/// read as the start of a query or fragment).
+fn is_host_and_port(authority: &str) -> bool {
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => (v6.parse::<std::net::Ipv6Addr>().is_ok(), port),
+            None => return false,
+        },
+        None => {
+            let (host, port) = match authority.find(':') {
+                Some(i) => authority.split_at(i),
+                None => (authority, ""),
+            };
+            (is_dns_name_or_ipv4(host), port)
+        }
+    };
+    let port_ok = match port.strip_prefix(':') {
+        Some(p) => p.len() <= 5 && p.parse::<u16>().is_ok_and(|n| n > 0),
+        None => port.is_empty(),
+    };
+    host_ok && port_ok
+}
+
+/// Dot-separated labels of letters, digits, underscores (Docker service names) and inner
+/// hyphens (an IPv4 address is one).
+fn is_dns_name_or_ipv4(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Bytes a URL path may hold as written (RFC 3986 unreserved, sub-delims, `:@/%`); no
+/// space, `?` or `#`.
+fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)
 }
 
 fn first<'a>(secrets: &'a HashMap<String, String>, names: &[&str]) -> Option<&'a String> {
