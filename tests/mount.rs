@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -754,6 +755,95 @@ fn a_directory_is_read_from_one_listing_per_open_handle() {
     );
     // A new open sees the objects that appeared.
     assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 3500);
+    assert!(m.stop().success());
+}
+
+/// A cold directory is handed to the kernel page by page as the LIST pages arrive, and a
+/// lookup is answered as soon as its name is listed: neither waits for the whole listing.
+#[test]
+fn a_cold_directory_is_read_and_looked_up_as_its_pages_arrive() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    let names: BTreeSet<String> = (0..3000).map(|i| format!("f{i:05}")).collect();
+    for n in &names {
+        emu.put_object(BUCKET, &format!("pages/{n}"), Bytes::from_static(b"x"));
+    }
+    // TTL 0: every lookup lists again (so each one below is cold).
+    let m = mount_s3(&emu, "pages", &["--metadata-ttl", "0"]);
+    let latency = Duration::from_millis(300); // per LIST page: 3 pages of 1,000
+    emu.set_latency(latency);
+    let started = Instant::now();
+    let mut dir = std::fs::read_dir(m.path()).unwrap();
+    let first = dir.next().unwrap().unwrap().file_name();
+    let first_at = started.elapsed();
+    let mut seen = vec![first];
+    seen.extend(dir.map(|e| e.unwrap().file_name()));
+    let all_at = started.elapsed();
+    let got: BTreeSet<String> = seen
+        .iter()
+        .map(|n| n.clone().into_string().unwrap())
+        .collect();
+    assert_eq!((seen.len(), got), (3000, names), "each name once");
+    println!("first entry after {first_at:?}, all 3,000 after {all_at:?}");
+    assert!(all_at >= latency * 3, "three pages, {all_at:?}");
+    assert!(
+        first_at < latency * 2,
+        "the first entries wait for the first page only: {first_at:?} (all: {all_at:?})"
+    );
+
+    let stat_took = |name: &str| {
+        let t = Instant::now();
+        let found = std::fs::metadata(m.path().join(name)).is_ok();
+        (found, t.elapsed())
+    };
+    let (found, early) = stat_took("f00010");
+    assert!(found);
+    let (found, late) = stat_took("f02990");
+    assert!(found);
+    let (found, missing) = stat_took("g");
+    assert!(!found);
+    println!("stat of a name on page 1: {early:?}, page 3: {late:?}, absent: {missing:?}");
+    assert!(
+        early < latency * 2,
+        "answered from the first page: {early:?}"
+    );
+    assert!(
+        late >= latency * 3 && missing >= latency * 3,
+        "{late:?} {missing:?}"
+    );
+    emu.set_latency(Duration::ZERO);
+    assert!(m.stop().success());
+}
+
+/// Objects have no extended attributes, and the kernel is told once for the whole mount
+/// (ENOSYS): `ls -l` asks two per entry, which answered one by one were most of its time.
+#[test]
+fn extended_attributes_are_refused_once_for_the_whole_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    emu.put_object(BUCKET, "xa/f", Bytes::from_static(b"x"));
+    let m = mount_s3(&emu, "xa", &[]);
+    let path = std::ffi::CString::new(m.path().join("f").into_os_string().into_vec()).unwrap();
+    let name = c"user.test";
+    for _ in 0..2 {
+        let mut buf = [0u8; 64];
+        // SAFETY: valid C strings and a buffer of the length given.
+        let r =
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 64) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        // EOPNOTSUPP is what the kernel answers once the file system said ENOSYS; before,
+        // every call was a round trip answered ENODATA.
+        assert_eq!((r, errno), (-1, Some(libc::EOPNOTSUPP)));
+        // SAFETY: as above.
+        let r = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), 64) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, errno), (-1, Some(libc::EOPNOTSUPP)));
+    }
+    assert!(std::fs::read(m.path().join("f")).unwrap() == b"x");
     assert!(m.stop().success());
 }
 

@@ -3,18 +3,22 @@
 //! never sees fuser types, so it can be tested without mounting.
 //!
 //! Metadata. A directory's children come from one paginated LIST with delimiter, cached for
-//! `metadata_ttl` (moka, so concurrent lookups in a cold directory share one LIST). A lookup
-//! is answered from the parent's listing: a name that is not in it does not exist, with no
-//! HEAD request (mountpoint-s3 pays a LIST plus a HEAD per lookup). Objects named like
-//! directories (`dir/` markers) and prefixes without markers are both directories; a key
-//! that is both a file and a prefix shows as the directory.
+//! `metadata_ttl` from when it started (moka, so concurrent lookups in a cold directory
+//! share one LIST). The listing is used as it arrives ([`listing`]): a directory handle
+//! hands the kernel each LIST page's entries while the next page is fetched, and a lookup
+//! is answered as soon as the name is listed. A lookup is answered from the parent's
+//! listing: a name that is not in it does not exist, with no HEAD request (mountpoint-s3
+//! pays a LIST plus a HEAD per lookup). Objects named like directories (`dir/` markers)
+//! and prefixes without markers are both directories; a key that is both a file and a
+//! prefix shows as the directory.
 //!
 //! Directory handles. `opendir` creates a handle; its first `readdir` takes the listing
-//! (from the cache, or one LIST) and every later page of that handle reads the same
-//! snapshot, so offsets stay meaningful however long the listing takes and whatever the
-//! TTL does meanwhile (before, each page indexed into whatever listing was cached then:
-//! entries were skipped or repeated when it changed, and with `--metadata-ttl 0` every page
-//! listed the directory again). A `readdir` at offset 0 (rewinddir) takes a new snapshot.
+//! (the cached one, complete or still arriving, or a new LIST) and every later page of
+//! that handle reads the same listing, so offsets stay meaningful however long the listing
+//! takes and whatever the TTL does meanwhile (before, each page indexed into whatever
+//! listing was cached then: entries were skipped or repeated when it changed, and with
+//! `--metadata-ttl 0` every page listed the directory again). A `readdir` at offset 0
+//! (rewinddir) takes the listing again.
 //!
 //! Data. `open` creates a handle with its own [`Prefetcher`]; `read` plans under the
 //! handle's lock and awaits outside it.
@@ -26,6 +30,7 @@
 //! open after the TTL switches cleanly to the new version.
 
 pub mod inode;
+pub mod listing;
 pub mod names;
 
 use std::collections::HashMap;
@@ -37,12 +42,14 @@ use bytes::Bytes;
 use moka::future::Cache;
 
 pub use inode::{Ino, Kind, Node, ROOT_INO};
+pub use listing::{DirEntry, DirListing};
 
 use crate::cache::{BlockCache, ObjectId, ObjectRef};
 use crate::error::{Error, Result};
 use crate::prefetch::{PrefetchBudget, Prefetcher};
-use crate::store::{Listed, Store};
+use crate::store::Store;
 use inode::InodeTable;
+use listing::{Child, Merge};
 
 /// Tunables of the file system.
 #[derive(Debug, Clone)]
@@ -57,16 +64,6 @@ pub struct FsConfig {
     pub dir_mode: u16,
 }
 
-/// One child in a directory listing.
-#[derive(Debug, Clone)]
-pub struct DirEntry {
-    pub ino: Ino,
-    pub name: String,
-    pub kind: Kind,
-}
-
-type Listing = Arc<Vec<DirEntry>>;
-
 struct OpenFile {
     prefetcher: Mutex<Prefetcher>,
 }
@@ -74,11 +71,18 @@ struct OpenFile {
 /// An open directory: the listing its pages are read from, once its first page is asked.
 struct OpenDir {
     ino: Ino,
-    snapshot: tokio::sync::Mutex<Option<Listing>>,
+    listing: Mutex<Option<Arc<DirListing>>>,
 }
 
 /// Called with (parent, name) of a path whose listing shows a new version.
 type ReplacedHook = Box<dyn Fn(Ino, &str) + Send + Sync>;
+
+/// What a listing's task needs of the file system: it outlives the request that started it.
+#[derive(Clone)]
+struct Inodes {
+    table: Arc<Mutex<InodeTable>>,
+    on_replaced: Arc<OnceLock<ReplacedHook>>,
+}
 
 /// The file system over one store.
 pub struct Fs {
@@ -86,14 +90,44 @@ pub struct Fs {
     cache: BlockCache,
     budget: PrefetchBudget,
     config: FsConfig,
-    inodes: Mutex<InodeTable>,
-    listings: Cache<Ino, Listing>,
+    inodes: Inodes,
+    listings: Cache<Ino, Arc<DirListing>>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     /// Time to answer each read (shown by [`crate::metrics`]).
     read_latency: prometheus_client::metrics::histogram::Histogram,
-    on_replaced: OnceLock<ReplacedHook>,
+}
+
+impl Inodes {
+    /// Gives listed children their inodes (a new one for a path whose version changed,
+    /// then the replaced-name hook).
+    fn admit(&self, dir: &Arc<Node>, children: Vec<Child>) -> Vec<DirEntry> {
+        let mut entries = Vec::with_capacity(children.len());
+        let mut replaced = Vec::new();
+        let mut table = self.table.lock().expect("inode lock");
+        for c in children {
+            let (n, new) = table.upsert(dir, &c.name, c.kind, c.meta.as_ref());
+            if new {
+                if c.kind == Kind::File {
+                    tracing::info!(key = %n.key, version = %n.version, "object changed; new inode");
+                }
+                replaced.push(c.name.clone());
+            }
+            entries.push(DirEntry {
+                ino: n.ino,
+                name: c.name,
+                kind: c.kind,
+            });
+        }
+        drop(table);
+        if let Some(hook) = self.on_replaced.get() {
+            for name in replaced {
+                hook(dir.ino, &name);
+            }
+        }
+        entries
+    }
 }
 
 impl Fs {
@@ -107,13 +141,15 @@ impl Fs {
             cache,
             budget,
             config,
-            inodes: Mutex::new(InodeTable::new()),
+            inodes: Inodes {
+                table: Arc::new(Mutex::new(InodeTable::new())),
+                on_replaced: Arc::new(OnceLock::new()),
+            },
             listings,
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             read_latency: crate::metrics::read_latency_histogram(),
             next_fh: AtomicU64::new(1),
-            on_replaced: OnceLock::new(),
         }
     }
 
@@ -122,7 +158,7 @@ impl Fs {
     /// inode). Called from a listing load, possibly inside a lookup the kernel is waiting
     /// for: `hook` must not block on the kernel. Only the first call counts.
     pub fn on_replaced(&self, hook: impl Fn(Ino, &str) + Send + Sync + 'static) {
-        let _ = self.on_replaced.set(Box::new(hook));
+        let _ = self.inodes.on_replaced.set(Box::new(hook));
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -148,6 +184,7 @@ impl Fs {
 
     fn node(&self, ino: Ino) -> Result<Arc<Node>> {
         self.inodes
+            .table
             .lock()
             .expect("inode lock")
             .get(ino)
@@ -161,80 +198,63 @@ impl Fs {
     /// The node now named `name` in directory `parent`: the newest version any listing
     /// showed, which may be newer than an open directory handle's snapshot.
     pub fn child(&self, parent: Ino, name: &str) -> Option<Arc<Node>> {
-        self.inodes.lock().expect("inode lock").child(parent, name)
+        self.inodes
+            .table
+            .lock()
+            .expect("inode lock")
+            .child(parent, name)
     }
 
-    /// The children of directory `ino`, from the listing cache or one LIST.
-    pub async fn readdir(&self, ino: Ino) -> Result<Listing> {
+    /// The listing of directory `ino`: the cached one (complete or still arriving), or a
+    /// new LIST started in the background. A listing that failed is not reused.
+    pub async fn listing(&self, ino: Ino) -> Result<Arc<DirListing>> {
         let dir = self.node(ino)?;
         if dir.kind != Kind::Dir {
             return Err(Error::errno(libc::ENOTDIR));
         }
-        self.listings
-            .try_get_with(ino, self.load_listing(dir))
-            .await
-            .map_err(Error::Shared)
+        let start = || async { self.start_listing(dir.clone()) };
+        let listing = self.listings.get_with(ino, start()).await;
+        if !listing.failed() {
+            return Ok(listing);
+        }
+        self.listings.invalidate(&ino).await;
+        Ok(self.listings.get_with(ino, start()).await)
     }
 
-    async fn load_listing(&self, dir: Arc<Node>) -> Result<Listing> {
-        let listed = self.store.list_dir(&dir.key).await?;
-        let mut dirs = std::collections::BTreeSet::new();
-        let mut files = std::collections::BTreeMap::new();
-        for item in listed {
-            let name = match &item {
-                Listed::Dir { name } | Listed::File { name, .. } => name,
+    /// Starts listing `dir`: a task takes the LIST pages as they come, gives the children
+    /// inodes and publishes them. It runs to the end even if nobody waits any more (the
+    /// listing is cached).
+    fn start_listing(&self, dir: Arc<Node>) -> Arc<DirListing> {
+        let listing = DirListing::new();
+        let batches = self.store.list_dir_batches(&dir.key);
+        let (inodes, out) = (self.inodes.clone(), listing.clone());
+        tokio::spawn(async move {
+            // Whatever ends this task (a panic, the runtime shutting down) ends the
+            // listing: nobody waits for pages that will not come.
+            let out = listing::EndsOnDrop(out);
+            let mut merge = Merge::new(&dir.key);
+            let mut batches = std::pin::pin!(batches);
+            let end = loop {
+                let mut children = Vec::new();
+                let end = match futures::TryStreamExt::try_next(&mut batches).await {
+                    Ok(Some(batch)) => {
+                        batch.into_iter().for_each(|i| merge.push(i, &mut children));
+                        None
+                    }
+                    Ok(None) => {
+                        merge.finish(&mut children);
+                        Some(Ok(()))
+                    }
+                    Err(e) => Some(Err(e)),
+                };
+                out.0.publish(inodes.admit(&dir, children));
+                if let Some(end) = end {
+                    break end;
+                }
             };
-            if let Some(why) = names::invalid_reason(name) {
-                tracing::warn!(dir = %dir.key, name = %name.escape_debug(), "hiding key: {why}");
-                continue;
-            }
-            match item {
-                Listed::Dir { name } => {
-                    dirs.insert(name);
-                }
-                Listed::File { name, meta } => {
-                    files.insert(name, meta);
-                }
-            }
-        }
-        let mut inodes = self.inodes.lock().expect("inode lock");
-        let mut entries = Vec::with_capacity(dirs.len() + files.len());
-        let mut replaced = Vec::new();
-        for name in &dirs {
-            let (n, new) = inodes.upsert(&dir, name, Kind::Dir, None);
-            if new {
-                replaced.push(name.as_str());
-            }
-            entries.push(DirEntry {
-                ino: n.ino,
-                name: name.clone(),
-                kind: Kind::Dir,
-            });
-        }
-        for (name, meta) in &files {
-            if dirs.contains(name) {
-                tracing::warn!(dir = %dir.key, name = %name, "key is both an object and a prefix; showing the directory");
-                continue;
-            }
-            let (n, new) = inodes.upsert(&dir, name, Kind::File, Some(meta));
-            if new {
-                tracing::info!(key = %n.key, version = %n.version, "object changed; new inode");
-                replaced.push(name.as_str());
-            }
-            entries.push(DirEntry {
-                ino: n.ino,
-                name: name.clone(),
-                kind: Kind::File,
-            });
-        }
-        drop(inodes);
-        if let Some(hook) = self.on_replaced.get() {
-            for name in replaced {
-                hook(dir.ino, name);
-            }
-        }
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Arc::new(entries))
+            out.0.finish(end);
+        });
+        listing
     }
 
     /// Opens directory `ino` for reading its entries; returns the handle id.
@@ -245,15 +265,15 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let dir = Arc::new(OpenDir {
             ino,
-            snapshot: Default::default(),
+            listing: Default::default(),
         });
         self.dirs.lock().expect("dir lock").insert(fh, dir);
         Ok(fh)
     }
 
-    /// The listing a page at `offset` of directory handle `fh` is read from: the handle's
-    /// snapshot, taken at its first page and again at offset 0 (rewinddir).
-    pub async fn readdir_handle(&self, fh: u64, offset: u64) -> Result<Listing> {
+    /// The listing directory handle `fh` reads its pages from: taken at its first page,
+    /// and again when `rewind` (a page at offset 0: rewinddir).
+    pub async fn dir_listing(&self, fh: u64, rewind: bool) -> Result<Arc<DirListing>> {
         let dir = self
             .dirs
             .lock()
@@ -261,30 +281,26 @@ impl Fs {
             .get(&fh)
             .cloned()
             .ok_or_else(|| Error::errno(libc::EBADF))?;
-        let mut snapshot = dir.snapshot.lock().await;
-        match snapshot.as_ref() {
-            Some(listing) if offset > 0 => Ok(listing.clone()),
+        let kept = dir.listing.lock().expect("dir lock").clone();
+        match kept {
+            Some(listing) if !rewind => Ok(listing),
             _ => {
-                let listing = self.readdir(dir.ino).await?;
-                *snapshot = Some(listing.clone());
+                let listing = self.listing(dir.ino).await?;
+                *dir.listing.lock().expect("dir lock") = Some(listing.clone());
                 Ok(listing)
             }
         }
     }
 
-    /// Closes a directory handle and drops its snapshot.
+    /// Closes a directory handle and drops its listing.
     pub fn releasedir(&self, fh: u64) {
         self.dirs.lock().expect("dir lock").remove(&fh);
     }
 
-    /// Finds `name` in directory `parent` from its listing; no HEAD request.
+    /// Finds `name` in directory `parent` from its listing (as soon as it is listed); no
+    /// HEAD request.
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Arc<Node>> {
-        let listing = self.readdir(parent).await?;
-        let found = listing
-            .binary_search_by(|e| e.name.as_str().cmp(name))
-            .ok()
-            .map(|i| listing[i].ino);
-        match found {
+        match self.listing(parent).await?.find(name).await? {
             Some(ino) => self.node(ino),
             None => Err(Error::errno(libc::ENOENT)),
         }
@@ -394,22 +410,30 @@ mod tests {
         }
         let fs = fs_over(d.path(), Duration::ZERO);
         let fh = fs.opendir(ROOT_INO).unwrap();
-        let names = |l: &Listing| l.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(&fs.readdir_handle(fh, 0).await.unwrap()), ["b", "c"]);
+        let names = |l: Arc<DirListing>| async move {
+            let mut names: Vec<String> =
+                l.all().await.unwrap().into_iter().map(|e| e.name).collect();
+            names.sort(); // a local directory lists in no particular order
+            names
+        };
+        assert_eq!(
+            names(fs.dir_listing(fh, true).await.unwrap()).await,
+            ["b", "c"]
+        );
         std::fs::write(d.path().join("a"), "a").unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await; // past the TTL
         assert_eq!(
-            names(&fs.readdir_handle(fh, 2).await.unwrap()),
+            names(fs.dir_listing(fh, false).await.unwrap()).await,
             ["b", "c"],
-            "a later page reads the handle's snapshot"
+            "a later page reads the handle's listing"
         );
         assert_eq!(
-            names(&fs.readdir_handle(fh, 0).await.unwrap()),
+            names(fs.dir_listing(fh, true).await.unwrap()).await,
             ["a", "b", "c"],
             "offset 0 (rewinddir) lists again"
         );
         fs.releasedir(fh);
-        let err = fs.readdir_handle(fh, 1).await.unwrap_err();
+        let err = fs.dir_listing(fh, false).await.unwrap_err();
         assert_eq!(err.to_errno(), libc::EBADF);
         let file = fs.lookup(ROOT_INO, "a").await.unwrap();
         assert_eq!(fs.opendir(file.ino).unwrap_err().to_errno(), libc::ENOTDIR);

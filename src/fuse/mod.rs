@@ -25,7 +25,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::error::{Error, Result};
-use crate::fs::{DirEntry, Fs, Ino, Kind, Node};
+use crate::fs::{Fs, Ino, Kind, Node};
 
 /// Kernel-side tuning asked for at INIT; the kernel may grant less.
 const MAX_READAHEAD: u32 = 1024 * 1024;
@@ -77,31 +77,40 @@ fn attr(fs: &Fs, n: &Node) -> FileAttr {
     }
 }
 
-/// The listing a directory handle reads its page from (see [`Fs::readdir_handle`]) and
-/// the directory's parent; a failure is logged and turned into the kernel's errno.
+/// One page of directory handle `fh` from the kernel's `offset`: entries are numbered
+/// ".", "..", then the handle's listing; `add(next_offset, ino, name, kind)` returns true
+/// once the reply is full. Waits only for the listing's entries from this page on (they
+/// are published as LIST pages arrive, see [`crate::fs::listing`]), and each page costs
+/// its own entries, not every entry before it. A failure is logged and turned into the
+/// kernel's errno.
 async fn dir_page(
     fs: &Fs,
     op: &str,
     ino: Ino,
     fh: u64,
     offset: u64,
-) -> std::result::Result<(Arc<Vec<DirEntry>>, Ino), Errno> {
-    let listing = fs.readdir_handle(fh, offset).await.map_err(|e| {
+    mut add: impl FnMut(u64, Ino, &str, Kind) -> bool,
+) -> std::result::Result<(), Errno> {
+    let fail = |e: Error| {
         log_failure(op, &format_args!("inode {ino}"), &e);
         errno(&e)
-    })?;
+    };
+    let listing = fs.dir_listing(fh, offset == 0).await.map_err(fail)?;
     let parent = fs.getattr(ino).map(|n| n.parent).unwrap_or(ino);
-    Ok((listing, parent))
-}
-
-/// Entry `i` of a directory as the kernel numbers them: ".", "..", then the listing.
-/// Indexed, so each page costs its own entries, not every entry before it.
-fn nth_entry(listing: &[DirEntry], ino: Ino, parent: Ino, i: usize) -> Option<(Ino, &str, Kind)> {
-    match i {
-        0 => Some((ino, ".", Kind::Dir)),
-        1 => Some((parent, "..", Kind::Dir)),
-        _ => listing.get(i - 2).map(|e| (e.ino, e.name.as_str(), e.kind)),
-    }
+    let first = offset.saturating_sub(2) as usize;
+    listing
+        .read_from(first, |entries| {
+            let dots = [(ino, ".", Kind::Dir), (parent, "..", Kind::Dir)];
+            let listed = entries.iter().map(|e| (e.ino, e.name.as_str(), e.kind));
+            let page = dots.into_iter().skip(offset as usize).chain(listed);
+            for (i, (ino, name, kind)) in (offset..).zip(page) {
+                if add(i + 1, ino, name, kind) {
+                    break;
+                }
+            }
+        })
+        .await
+        .map_err(fail)
 }
 
 /// Logs an error answered to the kernel: expected misses quietly, store failures loudly.
@@ -224,6 +233,11 @@ impl fuser::Filesystem for Adapter {
         reply.ok(); // read-only: nothing to flush
     }
 
+    /// Objects carry no extended attributes. Answered ENOSYS, which the kernel remembers
+    /// for the whole mount: every later getxattr (and listxattr below) fails with
+    /// EOPNOTSUPP at once, with no round trip. `ls -l` asks two of them per entry
+    /// (`security.selinux`, `system.posix_acl_access`); answered ENODATA they cost 40,000
+    /// round trips for 20,000 entries, most of a warm `ls -l` (bench/results/readpath.md).
     fn getxattr(
         &self,
         _req: &Request,
@@ -232,15 +246,11 @@ impl fuser::Filesystem for Adapter {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::from_i32(libc::ENODATA)); // objects carry no extended attributes
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -272,24 +282,25 @@ impl fuser::Filesystem for Adapter {
     ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            let (listing, parent) = match dir_page(&fs, "readdir", ino.0, fh.0, offset).await {
-                Ok(page) => page,
-                Err(e) => return reply.error(e),
-            };
-            for i in offset as usize.. {
-                let Some((ino, name, kind)) = nth_entry(&listing, ino.0, parent, i) else {
-                    break;
-                };
-                let kind = if kind == Kind::Dir {
-                    FileType::Directory
-                } else {
-                    FileType::RegularFile
-                };
-                if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
-                    break;
-                }
+            let page = dir_page(
+                &fs,
+                "readdir",
+                ino.0,
+                fh.0,
+                offset,
+                |next, ino, name, kind| {
+                    let kind = if kind == Kind::Dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    reply.add(INodeNo(ino), next, kind, name)
+                },
+            );
+            match page.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            reply.ok();
         });
     }
 
@@ -308,38 +319,33 @@ impl fuser::Filesystem for Adapter {
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.rt.spawn(async move {
-            let (listing, parent) = match dir_page(&fs, "readdirplus", ino.0, fh.0, offset).await {
-                Ok(page) => page,
-                Err(e) => return reply.error(e),
-            };
-            for i in offset as usize.. {
-                let Some((entry, name, _)) = nth_entry(&listing, ino.0, parent, i) else {
-                    break;
-                };
-                // The name as the newest listing has it: a snapshot taken before a path
-                // was replaced must not link the name to the old version in the kernel
-                // (plain READDIR creates no entries; this does).
-                let node = if i < 2 {
-                    fs.getattr(entry).ok()
-                } else {
-                    fs.child(ino.0, name).or_else(|| fs.getattr(entry).ok())
-                };
-                let Some(node) = node else {
-                    continue; // listed, so known; an entry that is not is left out
-                };
-                let a = attr(&fs, &node);
-                if reply.add(
-                    INodeNo(node.ino),
-                    (i + 1) as u64,
-                    name,
-                    &ttl,
-                    &a,
-                    Generation(0),
-                ) {
-                    break;
-                }
+            let dir = ino.0;
+            let page = dir_page(
+                &fs,
+                "readdirplus",
+                dir,
+                fh.0,
+                offset,
+                |next, entry, name, _| {
+                    // The name as the newest listing has it: a listing taken before a path
+                    // was replaced must not link the name to the old version in the kernel
+                    // (plain READDIR creates no entries; this does).
+                    let node = if next <= 2 {
+                        fs.getattr(entry).ok()
+                    } else {
+                        fs.child(dir, name).or_else(|| fs.getattr(entry).ok())
+                    };
+                    let Some(node) = node else {
+                        return false; // listed, so known; an entry that is not is left out
+                    };
+                    let a = attr(&fs, &node);
+                    reply.add(INodeNo(node.ino), next, name, &ttl, &a, Generation(0))
+                },
+            );
+            match page.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            reply.ok();
         });
     }
 

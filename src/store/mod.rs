@@ -94,6 +94,29 @@ pub enum Listed {
     Dir { name: String },
 }
 
+/// Most items [`Store::list_dir_batches`] hands on at once.
+pub const LIST_BATCH: usize = 1000;
+
+/// What one entry of a listing of directory `dir` is, relative to `dir`; `None` for the
+/// directory itself (its marker object) and for paths outside it.
+fn listed(dir: &str, entry: &opendal::Entry) -> Option<Listed> {
+    let rel = entry.path().strip_prefix(dir)?;
+    if rel.is_empty() || rel == "/" {
+        return None;
+    }
+    let meta = entry.metadata();
+    Some(if meta.mode() == EntryMode::DIR || rel.ends_with('/') {
+        Listed::Dir {
+            name: rel.trim_end_matches('/').to_string(),
+        }
+    } else {
+        Listed::File {
+            name: rel.to_string(),
+            meta: object_meta(meta),
+        }
+    })
+}
+
 /// One range as the network delivered it.
 #[derive(Debug, Default)]
 pub struct RangeChunks {
@@ -352,37 +375,55 @@ impl Store {
     }
 
     /// Lists the direct children of directory `dir` (`""` for the root, else ending in `/`):
-    /// one paginated LIST with delimiter `/`. Objects ending in `/` (directory markers) and
-    /// common prefixes both come back as [`Listed::Dir`]; the directory's own marker is
-    /// left out.
-    pub async fn list_dir(&self, dir: &str) -> Result<Vec<Listed>> {
+    /// one paginated LIST with delimiter `/`, handed on as it arrives. Each item of the
+    /// stream is a batch: what the store had answered when the next answer was not yet in
+    /// (one LIST page, usually; at most [`LIST_BATCH`] items), so a caller can use the
+    /// first page while the next ones are fetched. Objects ending in `/` (directory
+    /// markers) and common prefixes both come back as [`Listed::Dir`]; the directory's own
+    /// marker is left out. Batches keep the store's order (S3 and OSS: key order).
+    pub fn list_dir_batches(
+        &self,
+        dir: &str,
+    ) -> impl futures::Stream<Item = Result<Vec<Listed>>> + Send + 'static {
         self.stats.list_requests.fetch_add(1, Ordering::Relaxed);
-        let path = if dir.is_empty() { "/" } else { dir };
-        let mut lister = self.access().op.lister_with(path).await?;
-        let mut out = Vec::new();
-        while let Some(entry) = lister.try_next().await? {
-            let full = entry.path();
-            let Some(rel) = full.strip_prefix(dir) else {
-                continue;
-            };
-            if rel.is_empty() || rel == "/" {
-                continue; // the directory itself (its marker object)
-            }
-            let meta = entry.metadata();
-            match meta.mode() {
-                EntryMode::DIR => out.push(Listed::Dir {
-                    name: rel.trim_end_matches('/').to_string(),
-                }),
-                _ if rel.ends_with('/') => out.push(Listed::Dir {
-                    name: rel.trim_end_matches('/').to_string(),
-                }),
-                _ => out.push(Listed::File {
-                    name: rel.to_string(),
-                    meta: object_meta(meta),
-                }),
-            }
+        enum Step {
+            Start(Arc<Access>),
+            Listing(opendal::Lister),
+            Done,
         }
-        Ok(out)
+        let dir = dir.to_string();
+        futures::stream::try_unfold(Step::Start(self.access()), move |step| {
+            let dir = dir.clone();
+            async move {
+                let mut lister = match step {
+                    Step::Done => return Ok(None),
+                    Step::Listing(lister) => lister,
+                    Step::Start(access) => {
+                        let path = if dir.is_empty() { "/" } else { dir.as_str() };
+                        access.op.lister_with(path).await?
+                    }
+                };
+                let mut batch = Vec::new();
+                loop {
+                    // Take what is already in without waiting; wait only with nothing
+                    // to hand on.
+                    let next = match futures::FutureExt::now_or_never(lister.try_next()) {
+                        Some(next) => next?,
+                        None if !batch.is_empty() => break,
+                        None => lister.try_next().await?,
+                    };
+                    let Some(entry) = next else {
+                        return Ok(Some((batch, Step::Done)));
+                    };
+                    batch.extend(listed(&dir, &entry));
+                    if batch.len() >= LIST_BATCH {
+                        break;
+                    }
+                }
+                Ok(Some((batch, Step::Listing(lister))))
+            }
+        })
+        .try_filter(|batch| futures::future::ready(!batch.is_empty()))
     }
 
     /// Lists every object under the root, recursively (no delimiter, paginated). Names in
