@@ -23,6 +23,7 @@ Writes bench/results/readpath.{md,json,png}. Run as root: bench/readpath.sh.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -207,7 +208,10 @@ def main():
     ap.add_argument("--files", type=int, default=20000, help="objects in the ls -l directory")
     ap.add_argument("--ls-timeout", type=int, default=300, help="seconds one ls -l may take before it counts as too slow")
     ap.add_argument("--only", default="", help="comma-separated: random,seq,partial,probe,ls")
-    ap.add_argument("--baseline", help="another fillfs binary, measured as the peer fillfs-before (not for ls)")
+    ap.add_argument("--seq-runs", type=int, default=3, help="runs of the sequential job per peer (median reported)")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the jobs run in the existing results JSON, keep the others")
+    ap.add_argument("--baseline", help="another fillfs binary, measured as the peer fillfs-before")
     a = ap.parse_args()
     global BASELINE
     BASELINE = a.baseline
@@ -219,14 +223,16 @@ def main():
     only = set(a.only.split(",")) - {""}
     want = lambda k: not only or k in only
     res = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), peers=peers, fio={}, partial={}, probe={}, ls={})
+    existing = Path(a.out) / os.environ.get("READPATH_JSON", "readpath.json")
+    if a.merge and existing.exists():
+        old = json.loads(existing.read_text())
+        old.setdefault("reruns", []).append(f"{res['started']}: {a.only or 'all'}")
+        res = old
     emu = bench.Emulator()
     try:
         upload(work, 1, a.files)
         for kind in peers:
             jobs = random_jobs("{mnt}/big.bin") if want("random") else {}
-            if want("seq"):
-                jobs["seq read 1M, whole 1 GiB"] = ["--name=seq", "--filename={mnt}/big.bin", "--rw=read",
-                                                    "--bs=1M", "--readonly"]
             for label, args in jobs.items():
                 m = mount(kind, work)
                 try:
@@ -244,10 +250,28 @@ def main():
                 res["probe"][kind] = latency_probe(kind, work, "big.bin", "probe.bin")
                 log(f"probe {kind}: {res['probe'][kind]}")
                 save(res, a.out)
-            if want("ls") and kind != "fillfs-before":
+            if want("ls"):
                 res["ls"][kind] = ls_l(kind, work, a.files, a.ls_timeout)
                 log(f"ls {kind}: {res['ls'][kind]}")
                 save(res, a.out)
+        if want("seq"):
+            # The stream varies most from run to run (2 cores shared with the emulator and
+            # fio): several runs, peers interleaved, the median reported and every run kept.
+            label = "seq read 1M, whole 1 GiB"
+            args = ["--name=seq", "--filename={mnt}/big.bin", "--rw=read", "--bs=1M", "--readonly"]
+            runs = {}
+            for _ in range(a.seq_runs):
+                for kind in peers:
+                    m = mount(kind, work)
+                    try:
+                        bw = fio_bw(fio([x.replace("{mnt}", str(m.mnt)) for x in args]))
+                    finally:
+                        m.close()
+                    runs.setdefault(kind, []).append(bw)
+                    log(f"{label} {kind}: {bw}")
+            res["fio"][label] = {k: statistics.median([x for x in v if x is not None] or [0]) for k, v in runs.items()}
+            res["seq_runs"] = runs
+            save(res, a.out)
     finally:
         emu.close()
     save(res, a.out)
@@ -282,6 +306,14 @@ def report(res, out):
             others = [by.get(p) for p in peers if not p.startswith("fillfs") and by.get(p)]
             ratio = by.get("fillfs") / max(others) if others and by.get("fillfs") else None
             lines.append(f"| {job} | " + " | ".join(fmt(by.get(p)) for p in peers) + f" | {fmt(ratio, '{:.2f}')} |")
+        lines.append("")
+    if res.get("seq_runs"):
+        runs = "; ".join(f"{k} " + " / ".join(fmt(x) for x in v) for k, v in res["seq_runs"].items())
+        lines += [f"The sequential job is the median of {max(len(v) for v in res['seq_runs'].values())} runs, "
+                  f"peers interleaved (every run, MiB/s: {runs}).", ""]
+    for note in res.get("reruns", []):
+        lines += [f"- rerun {note} (the other sections are from the first run)"]
+    if res.get("reruns"):
         lines.append("")
     for note in res.get("notes", []):
         lines += [f"- {note}"]

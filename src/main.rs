@@ -322,6 +322,12 @@ struct PopulateArgs {
     /// absolute keys); without it such keys abort the fill before anything is written.
     #[arg(long)]
     skip_invalid_keys: bool,
+    /// Succeed with an empty volume when nothing is stored under SOURCE. Without it an
+    /// empty prefix is refused (exit 2) before TARGET is touched: it is usually a typo in
+    /// the bucket or prefix, and a fill that copies nothing must not look like one that
+    /// worked.
+    #[arg(long)]
+    allow_empty: bool,
 }
 
 #[derive(Args)]
@@ -507,6 +513,8 @@ fn populate(a: PopulateArgs) -> Result<()> {
         dir_mode: a.dir_mode.unwrap_or(0o755),
         root_mode: a.dir_mode,
         skip_invalid_keys: a.skip_invalid_keys,
+        allow_empty: a.allow_empty,
+        shared_limiters: None,
         fsync: a.fsync,
         early_writeback: a.writeback == Writeback::Early,
         target_kind: match (a.block, a.mkfs.is_some()) {

@@ -930,6 +930,17 @@ fn the_plugin_serves_prometheus_metrics_per_repository() {
     let dst = work.path().join("back.bin");
     let r = load(&rt, &mut c, &cfg, "m/m.bin", dst.to_string_lossy().into());
     assert!(r.success, "{}", r.error);
+    let mut stream = rt
+        .block_on(c.open_stream(OpenStreamRequest {
+            artifact: artifact(&cfg, "m/m.bin"),
+        }))
+        .unwrap()
+        .into_inner();
+    let mut streamed = 0;
+    while let Some(frame) = rt.block_on(stream.message()).unwrap() {
+        streamed += frame.data.len();
+    }
+    assert_eq!(streamed, size);
 
     let page = http_get(&addr, "/metrics");
     let repo = format!("{{repository=\"s3://{BUCKET}/\"}}");
@@ -941,11 +952,59 @@ fn the_plugin_serves_prometheus_metrics_per_repository() {
     assert_eq!(get("upload_parts"), 3.0);
     assert_eq!(get("upload_parts_retried"), 0.0);
     assert_eq!(get("upload_aborted"), 0.0);
+    assert_eq!(get("load_bytes"), size as f64, "Load counted");
+    assert_eq!(get("stream_bytes"), size as f64, "OpenStream counted");
     assert!(
         page.contains("fillfs_upload_parts_resumed_total")
             && page.contains("fillfs_upload_resumed_bytes_total"),
         "{page}"
     );
     assert_eq!(http_get(&addr, "/healthz"), "ok\n");
+    assert_eq!(plugin.stop(), Some(0));
+}
+
+/// Loads of one repository pay its one cap, as its saves and streams do: two at once take
+/// as long as both one after the other (before, each load made its own limiter, so N
+/// loads got N times the cap).
+#[test]
+fn loads_of_one_repository_share_its_cap() {
+    let emu = emulator();
+    let size = 8 * MIB;
+    for k in ["cap/a", "cap/b"] {
+        emu.put_object(BUCKET, k, bytes::Bytes::from(pattern(7, 0, size)));
+    }
+    let plugin = Plugin::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = client(&rt, &plugin.socket);
+    let cfg = format!("{}throughput: 8\n", config(&emu));
+    let work = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let results = rt.block_on(futures::future::join_all(["cap/a", "cap/b"].map(|k| {
+        let mut c = c.clone();
+        let req = LoadArtifactRequest {
+            input_artifact: artifact(&cfg, k),
+            path: work
+                .path()
+                .join(k.replace('/', "-"))
+                .to_string_lossy()
+                .into(),
+        };
+        async move { c.load(req).await.unwrap().into_inner() }
+    })));
+    let took = started.elapsed();
+    for r in &results {
+        assert!(r.success, "{}", r.error);
+    }
+    for k in ["cap-a", "cap-b"] {
+        let got = std::fs::read(work.path().join(k)).unwrap();
+        assert!(got == pattern(7, 0, size), "{k} differs");
+    }
+    println!("two loads of 8 MiB at 8 MiB/s: {took:?}");
+    // 16 MiB at 8 MiB/s is 2 s (a limiter's first second of burst aside).
+    assert!(
+        took >= Duration::from_millis(1700),
+        "the cap was not shared: {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
     assert_eq!(plugin.stop(), Some(0));
 }

@@ -1235,6 +1235,8 @@ fn endpoint_spellings_are_one() {
         "host name",
         "host:443:443",
         "h:0",
+        "h:+443",
+        "h:0443",
         "h:99999",
         "-h.com",
         "h?x=1",

@@ -747,3 +747,81 @@ fn bad_input_and_unwritable_targets_exit_2_with_a_clear_error_never_a_panic() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A prefix with nothing under it (a typo, an upload that has not happened) fails the fill
+/// with exit 2 before TARGET is touched: a fill that copied nothing must not look like one
+/// that worked. `--allow-empty` fills an empty volume on purpose. A device given to
+/// `--mkfs` keeps what it held.
+#[test]
+fn an_empty_or_mistyped_prefix_is_refused_before_the_target_is_touched() {
+    let emu = emulator();
+    emu.put_object(BUCKET, "data/a", Bytes::from_static(b"a"));
+    let parent = tempfile::tempdir().unwrap();
+    let target = parent.path().join("vol");
+    let out = run(populate(&emu, "dta/", &target, &[]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("nothing is stored under s3://{BUCKET}/dta/"))
+            && err.contains("--allow-empty"),
+        "{err}"
+    );
+    assert!(!target.exists(), "TARGET not created");
+    assert_eq!(emu.stats().gets, 0);
+
+    let out = run(populate(&emu, "dta/", &target, &["--allow-empty"]));
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_dir(&target).unwrap().count(),
+        0,
+        "empty volume"
+    );
+
+    let Some(dev) = loopfs::LoopDev::new(32) else {
+        return;
+    };
+    let mnt = tempfile::tempdir().unwrap();
+    let sh = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    sh(Command::new("mkfs.ext4").args(["-q", "-F", &dev.dev]));
+    sh(Command::new("mount").arg(&dev.dev).arg(mnt.path()));
+    std::fs::write(mnt.path().join("kept"), b"what the device held").unwrap();
+    sh(Command::new("umount").arg(mnt.path()));
+    let out = run(populate(
+        &emu,
+        "dta/",
+        Path::new(&dev.dev),
+        &["--mkfs", "ext4"],
+    ));
+    assert_eq!(out.status.code(), Some(2));
+    sh(Command::new("mount").arg(&dev.dev).arg(mnt.path()));
+    let kept = std::fs::read(mnt.path().join("kept"));
+    sh(Command::new("umount").arg(mnt.path()));
+    assert_eq!(kept.unwrap(), b"what the device held", "not formatted");
+}
+
+/// Credentials written into a source URL are refused, and the error (which a fill pod's
+/// termination message and events show) does not repeat them.
+#[test]
+fn credentials_in_a_source_url_are_refused_without_repeating_them() {
+    let dst = tempfile::tempdir().unwrap();
+    for url in [
+        "s3://AKIDEXAMPLE:wJalrXUtnFEMIK7MDENG@bucket/data/",
+        "oss://wJalrXUtnFEMIK7MDENG@bucket",
+    ] {
+        let out = run({
+            let mut c = fillfs();
+            c.args(["populate", url]).arg(dst.path());
+            c
+        });
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("carries credentials") && err.contains("***@bucket"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("wJalrXUtnFEMIK7MDENG") && !err.contains("AKIDEXAMPLE"),
+            "{err}"
+        );
+    }
+}

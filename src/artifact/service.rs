@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -44,6 +45,15 @@ struct Repo {
     store: Store,
     /// Every upload of this repository: one bound on parts in flight and memory.
     uploader: Uploader,
+    /// Bytes handed to Argo by Load and OpenStream.
+    reads: Arc<ReadCounts>,
+}
+
+/// What Load and OpenStream delivered, for the metrics.
+#[derive(Default)]
+struct ReadCounts {
+    load_bytes: std::sync::atomic::AtomicU64,
+    stream_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The plugin: stores by configuration.
@@ -84,15 +94,15 @@ impl Driver {
             config,
             store,
             uploader,
+            reads: Default::default(),
         };
         repos.insert(plugin.configuration.clone(), repo.clone());
         Ok((repo, key))
     }
 }
 
-/// The plugin's Prometheus metrics, read at scrape from each repository's upload counters
-/// (label `repository`: the store's source URL). Load's and OpenStream's reads are not
-/// counted yet.
+/// The plugin's Prometheus metrics, read at scrape from each repository's upload and read
+/// counters (label `repository`: the store's source URL).
 struct DriverMetrics(Arc<Driver>);
 
 impl std::fmt::Debug for DriverMetrics {
@@ -115,7 +125,7 @@ impl prometheus_client::collector::Collector for DriverMetrics {
             r.values().cloned().collect()
         };
         // One series per source, even if two configurations name the same one.
-        let mut by_source: std::collections::BTreeMap<String, [u64; 6]> = Default::default();
+        let mut by_source: std::collections::BTreeMap<String, [u64; 8]> = Default::default();
         for r in &repos {
             let u = r.uploader.stats();
             let v = by_source.entry(r.store.source().to_string()).or_default();
@@ -126,6 +136,8 @@ impl prometheus_client::collector::Collector for DriverMetrics {
                 u.parts_resumed.load(Relaxed),
                 u.bytes_resumed.load(Relaxed),
                 u.uploads_aborted.load(Relaxed),
+                r.reads.load_bytes.load(Relaxed),
+                r.reads.stream_bytes.load(Relaxed),
             ]
             .into_iter()
             .enumerate()
@@ -133,7 +145,7 @@ impl prometheus_client::collector::Collector for DriverMetrics {
                 v[i] += n;
             }
         }
-        const NAMES: [(&str, &str); 6] = [
+        const NAMES: [(&str, &str); 8] = [
             (
                 "upload_bytes",
                 "Body bytes sent by Save and SaveStream, re-sent parts included",
@@ -155,6 +167,11 @@ impl prometheus_client::collector::Collector for DriverMetrics {
                 "upload_aborted",
                 "Multipart uploads aborted (failed, or abandoned by an earlier run)",
             ),
+            (
+                "load_bytes",
+                "Bytes written by Load (objects and directories), resumed files not counted",
+            ),
+            ("stream_bytes", "Bytes sent by OpenStream"),
         ];
         for (i, (name, help)) in NAMES.iter().enumerate() {
             let mut m = e.encode_descriptor(
@@ -203,6 +220,9 @@ fn populate_options(
         dir_mode: 0o755,
         root_mode: None,
         skip_invalid_keys: false,
+        allow_empty: false, // loads only a prefix with children
+        // Every load of a repository pays its one cap (as its saves and streams do).
+        shared_limiters: Some(repo.store.limiters().to_vec()),
         fsync: false,
         early_writeback: true,
         target_kind: kind,
@@ -223,6 +243,7 @@ impl Driver {
             let opts = populate_options(&repo, &url_of(&repo, &key), &path, TargetKind::Raw)
                 .map_err(err)?;
             let s = populate::block::fill_raw(&opts).await.map_err(err)?;
+            repo.reads.load_bytes.fetch_add(s.bytes, Ordering::Relaxed);
             tracing::info!(
                 key,
                 bytes = s.bytes,
@@ -237,6 +258,7 @@ impl Driver {
                 populate_options(&repo, &url_of(&repo, &prefix), &path, TargetKind::Directory)
                     .map_err(err)?;
             let s = populate::populate(&opts).await.map_err(err)?;
+            repo.reads.load_bytes.fetch_add(s.bytes, Ordering::Relaxed);
             tracing::info!(key, files = s.files, bytes = s.bytes, "loaded a directory");
             return Ok(());
         }
@@ -388,6 +410,8 @@ impl Driver {
                     if tx.send(Ok(frame)).await.is_err() {
                         return; // the client went away
                     }
+                    let sent = piece.len() as u64;
+                    repo.reads.stream_bytes.fetch_add(sent, Ordering::Relaxed);
                 }
             }
             let _ = tx

@@ -287,7 +287,12 @@ fn is_host_and_port(authority: &str) -> bool {
         }
     };
     let port_ok = match port.strip_prefix(':') {
-        Some(p) => p.len() <= 5 && p.parse::<u16>().is_ok_and(|n| n > 0),
+        Some(p) => {
+            p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && !p.starts_with('0')
+                && p.parse::<u16>().is_ok()
+        }
         None => port.is_empty(),
     };
     host_ok && port_ok

@@ -134,13 +134,15 @@ impl DirListing {
     }
 }
 
-/// Ends a listing when dropped, with an error if it had not ended (the task feeding it
-/// stopped early).
-pub struct EndsOnDrop(pub Arc<DirListing>);
+/// Ends a listing (if anybody still holds it) when dropped, with an error if it had not
+/// ended: the task feeding it stopped early.
+pub struct EndsOnDrop(pub std::sync::Weak<DirListing>);
 
 impl Drop for EndsOnDrop {
     fn drop(&mut self) {
-        self.0.finish(Err(Error::errno(libc::EIO)));
+        if let Some(listing) = self.0.upgrade() {
+            listing.finish(Err(Error::errno(libc::EIO)));
+        }
     }
 }
 
@@ -154,11 +156,11 @@ pub struct Child {
 
 /// Turns LIST items, in the order they arrive, into the children to show.
 ///
-/// A key that is both an object (`a`) and a prefix (`a/`) shows as the directory. Keys
-/// arrive in key order (S3, OSS), and `a/` can come long after `a` (`a-1`, `a.txt` sort
-/// between them), so an object is held back until the listing has passed where its
-/// prefix would be. Where items do not arrive in key order (a local directory), a name is
-/// never both.
+/// A key that is both an object (`a`) and a prefix (`a/`) shows as the directory. S3 and
+/// OSS pages come in key order (within a page OpenDAL hands on the prefixes first), and
+/// `a/` can be on a later page than `a` (`a-1`, `a.txt` sort between them), so an object
+/// is held back until the listing has passed where its prefix would be. Where items do not
+/// arrive in key order (a local directory), a name is never both.
 pub struct Merge {
     dir: String,
     /// Objects not yet shown, by the key their prefix would have (`name/`).
@@ -187,6 +189,10 @@ impl Merge {
             return;
         }
         match meta {
+            Some(_) if self.shown.contains(&name) => {
+                // Its prefix came first, on the same page.
+                tracing::warn!(dir = %self.dir, name = %name, "key is both an object and a prefix; showing the directory");
+            }
             Some(meta) => {
                 self.release_before(&name, out);
                 self.held.insert(format!("{name}/"), meta);
@@ -278,6 +284,30 @@ mod tests {
                 ("a.txt".into(), Kind::File),
                 ("a".into(), Kind::Dir),
                 ("b".into(), Kind::File),
+            ]
+        );
+    }
+
+    #[test]
+    fn pages_that_give_their_prefixes_first_merge_the_same() {
+        // OpenDAL's S3 lister: each page's prefixes, then its objects. Page 1 holds the
+        // object "a" and "a-1"; page 2 the prefix "a/" and the object "b". Then one page
+        // with both "c" and "c/".
+        let got = merged(vec![
+            file("a"),
+            file("a-1"),
+            dir("a"),
+            file("b"),
+            dir("c"),
+            file("c"),
+        ]);
+        assert_eq!(
+            got,
+            [
+                ("a-1".into(), Kind::File),
+                ("a".into(), Kind::Dir),
+                ("b".into(), Kind::File),
+                ("c".into(), Kind::Dir),
             ]
         );
     }

@@ -4,7 +4,8 @@
 //!
 //! Metadata. A directory's children come from one paginated LIST with delimiter, cached for
 //! `metadata_ttl` from when it started (moka, so concurrent lookups in a cold directory
-//! share one LIST). The listing is used as it arrives ([`listing`]): a directory handle
+//! share one LIST while it is within the TTL; with a TTL of 0 each lookup lists again,
+//! and a listing nobody holds any more stops). The listing is used as it arrives ([`listing`]): a directory handle
 //! hands the kernel each LIST page's entries while the next page is fetched, and a lookup
 //! is answered as soon as the name is listed. A lookup is answered from the parent's
 //! listing: a name that is not in it does not exist, with no HEAD request (mountpoint-s3
@@ -206,35 +207,40 @@ impl Fs {
     }
 
     /// The listing of directory `ino`: the cached one (complete or still arriving), or a
-    /// new LIST started in the background. A listing that failed is not reused.
+    /// new LIST started in the background. A listing that failed is replaced (one caller
+    /// replaces it; the others take the new one).
     pub async fn listing(&self, ino: Ino) -> Result<Arc<DirListing>> {
         let dir = self.node(ino)?;
         if dir.kind != Kind::Dir {
             return Err(Error::errno(libc::ENOTDIR));
         }
-        let start = || async { self.start_listing(dir.clone()) };
-        let listing = self.listings.get_with(ino, start()).await;
-        if !listing.failed() {
-            return Ok(listing);
-        }
-        self.listings.invalidate(&ino).await;
-        Ok(self.listings.get_with(ino, start()).await)
+        let entry = self
+            .listings
+            .entry(ino)
+            .and_compute_with(|cached| async {
+                match cached {
+                    Some(c) if !c.value().failed() => moka::ops::compute::Op::Nop,
+                    _ => moka::ops::compute::Op::Put(self.start_listing(dir.clone())),
+                }
+            })
+            .await;
+        Ok(entry.unwrap().into_value())
     }
 
     /// Starts listing `dir`: a task takes the LIST pages as they come, gives the children
-    /// inodes and publishes them. It runs to the end even if nobody waits any more (the
-    /// listing is cached).
+    /// inodes and publishes them. It stops early once nobody holds the listing any more
+    /// (it expired from the cache, no directory handle reads it, nobody waits for it).
     fn start_listing(&self, dir: Arc<Node>) -> Arc<DirListing> {
         let listing = DirListing::new();
         let batches = self.store.list_dir_batches(&dir.key);
-        let (inodes, out) = (self.inodes.clone(), listing.clone());
+        let (inodes, out) = (self.inodes.clone(), Arc::downgrade(&listing));
         tokio::spawn(async move {
             // Whatever ends this task (a panic, the runtime shutting down) ends the
             // listing: nobody waits for pages that will not come.
-            let out = listing::EndsOnDrop(out);
+            let _ends = listing::EndsOnDrop(out.clone());
             let mut merge = Merge::new(&dir.key);
             let mut batches = std::pin::pin!(batches);
-            let end = loop {
+            loop {
                 let mut children = Vec::new();
                 let end = match futures::TryStreamExt::try_next(&mut batches).await {
                     Ok(Some(batch)) => {
@@ -247,12 +253,16 @@ impl Fs {
                     }
                     Err(e) => Some(Err(e)),
                 };
-                out.0.publish(inodes.admit(&dir, children));
+                let Some(out) = out.upgrade() else {
+                    tracing::debug!(dir = %dir.key, "listing no longer wanted; stopped");
+                    return;
+                };
+                out.publish(inodes.admit(&dir, children));
                 if let Some(end) = end {
-                    break end;
+                    out.finish(end);
+                    return;
                 }
-            };
-            out.0.finish(end);
+            }
         });
         listing
     }

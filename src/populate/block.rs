@@ -18,7 +18,6 @@ use super::integrity::{self, Checked, Expected, RangeCrcs};
 use super::progress::{self, Progress};
 use super::{PopulateOptions, Summary, iec};
 use crate::error::{Error, Result};
-use crate::limit::RateLimiter;
 use crate::store::{Scheme, SourceUrl, Store};
 
 /// `s3://b/images/disk.img` parses as prefix `images/disk.img/`; for `--block` that names
@@ -45,8 +44,7 @@ pub async fn fill_raw(opts: &PopulateOptions) -> Result<Summary> {
     let (parent, key) = split_object(&opts.store.source)?;
     let mut cfg = opts.store.clone();
     cfg.source = parent;
-    let limiters = RateLimiter::for_throughput(opts.throughput_mib);
-    let store = Store::new(&cfg, limiters)?;
+    let store = Store::new(&cfg, opts.limiters())?;
     store.preflight().await?;
     let meta = store.stat(&key).await.map_err(|e| {
         if e.is_not_found() {
@@ -185,6 +183,9 @@ pub async fn fill_mkfs(opts: &PopulateOptions) -> Result<Summary> {
         .map_err(|e| Error::InvalidOption(format!("--mkfs target {}: {e}", device.display())))?;
     // Before the probe mount and mkfs: a second fill must not format a device in use.
     let _lock = super::lock::DeviceLock::acquire(device)?;
+    // And a source that is missing or empty must not cost the device its contents.
+    let store = Store::new(&opts.store, Vec::new())?;
+    super::refuse_empty(&store, opts).await?;
     let loop_opt = if meta.file_type().is_block_device() {
         None
     } else {

@@ -39,6 +39,10 @@ pub struct PopulateOptions {
     pub target: PathBuf,
     /// MiB/s for all store reads; 0 = unlimited.
     pub throughput_mib: f64,
+    /// Limiters to pay instead of new ones of `throughput_mib`: a process that fills
+    /// several times at once under one cap (the Argo plugin's loads of one repository)
+    /// shares its own.
+    pub shared_limiters: Option<Vec<Arc<RateLimiter>>>,
     /// GETs in flight.
     pub jobs: usize,
     /// Size of each ranged GET of a large file.
@@ -56,6 +60,10 @@ pub struct PopulateOptions {
     /// write in its root. `None` leaves TARGET as it is.
     pub root_mode: Option<u32>,
     pub skip_invalid_keys: bool,
+    /// Fill (nothing) when nothing is stored under the source; without it an empty prefix
+    /// is refused before TARGET is touched (a typo'd prefix must not make an empty volume
+    /// that looks filled).
+    pub allow_empty: bool,
     /// Flush the target file system before reporting success. Off by default: the fill's
     /// consumer unmounts the volume (which flushes) before using it, and the journal
     /// already makes a crashed fill resumable.
@@ -263,15 +271,35 @@ pub fn run(opts: &PopulateOptions) -> Result<Summary> {
     })
 }
 
+impl PopulateOptions {
+    /// The limiters a fill pays: the shared ones, or new ones of `throughput_mib`.
+    pub fn limiters(&self) -> Vec<Arc<RateLimiter>> {
+        match &self.shared_limiters {
+            Some(l) => l.clone(),
+            None => RateLimiter::for_throughput(self.throughput_mib),
+        }
+    }
+}
+
+/// Preflights the source; an empty prefix is an error unless `opts.allow_empty`.
+pub(crate) async fn refuse_empty(store: &Store, opts: &PopulateOptions) -> Result<()> {
+    if store.preflight().await?.empty && !opts.allow_empty {
+        return Err(Error::EmptySource {
+            source_url: opts.store.source.to_string(),
+            allow: "pass --allow-empty to fill an empty volume anyway".into(),
+        });
+    }
+    Ok(())
+}
+
 pub async fn populate(opts: &PopulateOptions) -> Result<Summary> {
     if opts.jobs == 0 || opts.part_size == 0 || opts.memory < opts.part_size {
         return Err(Error::InvalidOption(
             "--jobs and --part-size must be positive and --memory at least one part".into(),
         ));
     }
-    let limiters = RateLimiter::for_throughput(opts.throughput_mib);
-    let store = Store::new(&opts.store, limiters)?;
-    store.preflight().await?;
+    let store = Store::new(&opts.store, opts.limiters())?;
+    refuse_empty(&store, opts).await?;
     if !opts.target.is_dir() {
         std::fs::create_dir(&opts.target)
             .map_err(|e| Error::InvalidOption(format!("target {}: {e}", opts.target.display())))?;

@@ -380,7 +380,8 @@ impl Store {
     /// (one LIST page, usually; at most [`LIST_BATCH`] items), so a caller can use the
     /// first page while the next ones are fetched. Objects ending in `/` (directory
     /// markers) and common prefixes both come back as [`Listed::Dir`]; the directory's own
-    /// marker is left out. Batches keep the store's order (S3 and OSS: key order).
+    /// marker is left out. Batches keep the store's order (S3 and OSS: pages in key
+    /// order; within a page OpenDAL hands on the prefixes, then the objects).
     pub fn list_dir_batches(
         &self,
         dir: &str,

@@ -68,8 +68,10 @@ impl SourceUrl {
 
     /// Parses `s3://bucket/prefix`, `oss://bucket/prefix` or `file:///abs/dir`.
     pub fn parse(input: &str) -> Result<Self> {
+        // Messages show the URL without a `user:password@` part before the bucket.
+        let shown = redact_userinfo(input);
         let invalid = |reason: &str| Error::InvalidSource {
-            source_url: input.to_string(),
+            source_url: shown.clone(),
             reason: reason.to_string(),
         };
         let (scheme, rest) = input.split_once("://").ok_or_else(|| {
@@ -103,6 +105,22 @@ impl SourceUrl {
             });
         }
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        // `id:secret@bucket`; a secret may hold `/`, so `id:sec/ret@bucket` splits
+        // before its `@`. A bucket name has neither `@` nor `:`.
+        if bucket.contains('@') || (bucket.contains(':') && rest.contains('@')) {
+            return Err(invalid(
+                "the URL carries credentials (user:password@); give them in the environment \
+                 (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ALIBABA_CLOUD_ACCESS_KEY_ID / \
+                 ALIBABA_CLOUD_ACCESS_KEY_SECRET), never in the URL",
+            ));
+        }
+        if bucket.contains(':') {
+            // Not repeated: it may be `id:secret` with the rest of the secret after a `/`.
+            return Err(invalid(
+                "the bucket name has a ':' (an endpoint goes in --endpoint, credentials in \
+                 the environment)",
+            ));
+        }
         validate_bucket(bucket).map_err(|r| invalid(&r))?;
         let prefix = normalize_prefix(prefix).map_err(|r| invalid(&r))?;
         Ok(SourceUrl {
@@ -127,6 +145,24 @@ impl fmt::Display for SourceUrl {
             Scheme::File => write!(f, "file://{}", self.prefix),
             _ => write!(f, "{}://{}/{}", self.scheme, self.bucket, self.prefix),
         }
+    }
+}
+
+/// `input` without a `user:password@` before the bucket: where the bucket part holds an
+/// `@` or a `:` (which no bucket name has), everything up to the last `@` (or all of it)
+/// is shown as `***`. A secret may hold `/`, so the last `@` is looked for in the whole
+/// URL; an `@` in the key prefix of a URL without credentials is kept.
+fn redact_userinfo(input: &str) -> String {
+    let Some((scheme, rest)) = input.split_once("://") else {
+        return input.to_string();
+    };
+    let bucket = rest.split('/').next().unwrap_or("");
+    if !bucket.contains('@') && !bucket.contains(':') {
+        return input.to_string();
+    }
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => format!("{scheme}://***"),
     }
 }
 
@@ -210,5 +246,38 @@ mod tests {
             let err = SourceUrl::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: error must name the input: {err}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_refused_and_never_repeated() {
+        for (bad, shown) in [
+            (
+                "s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/p/",
+                "s3://***@bucket/p/",
+            ),
+            ("oss://id:wJalrXUtnFEMI@bkt", "oss://***@bkt"),
+            ("s3://wJalrXUtnFEMI@x", "s3://***@x"),
+            ("file://u:wJalrXUtnFEMI@/srv", "file://***@/srv"),
+            // AWS secrets hold `/`: the bucket part ends inside the secret.
+            (
+                "s3://AKID:wJalrXUtnFEMI/K7MDENG/bPxRfiCY@bkt/p/",
+                "s3://***@bkt/p/",
+            ),
+            ("s3://AKID:wJalrXUtnFEMI/K7MDENG", "s3://***"),
+        ] {
+            let err = SourceUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(shown), "{bad}: {err}");
+            assert!(
+                !err.contains("wJalrXUtnFEMI") && !err.contains("AKID"),
+                "{bad}: secret repeated: {err}"
+            );
+        }
+        // An `@` in a key prefix is a key, not credentials.
+        let url = SourceUrl::parse("s3://bucket/team@site/data").unwrap();
+        assert_eq!(url.prefix, "team@site/data/");
+        let err = SourceUrl::parse("s3://Bad/team@site/")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s3://Bad/team@site/"), "{err}");
     }
 }
