@@ -821,6 +821,84 @@ fn metrics_show_each_volume_and_the_node_cache() {
     p.unpublish("vol-b", &tb).unwrap();
 }
 
+/// A volume's `throughput` is the volume's on this node, however many pods mount it: two
+/// pods reading one PV at once share its cap (before, each publish made its own limiter,
+/// so N pods got N times the cap).
+#[test]
+fn pods_mounting_one_volume_share_its_cap() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "vc/", 2, 8 * MIB, 160);
+    let p = Plugin::start(&[]);
+    let vol = s3_volume(&emu, "vc/");
+    let (ta, tb) = (p.target("pod-a"), p.target("pod-b"));
+    for t in [&ta, &tb] {
+        p.publish("vol-cap", t, &ctx(&vol, &[("throughput", "8")]))
+            .unwrap();
+    }
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| verify_stream(&ta.join("f0.bin"), 160, 8 * MIB));
+        s.spawn(|| verify_stream(&tb.join("f1.bin"), 161, 8 * MIB));
+    });
+    let took = started.elapsed();
+    println!("two pods, 8 MiB each, one 8 MiB/s volume: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1700),
+        "the cap was not shared: {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    for t in [&ta, &tb] {
+        p.unpublish("vol-cap", t).unwrap();
+    }
+}
+
+/// Without kubelet's pod info (a CSIDriver without `podInfoOnMount`), two pods' mounts of
+/// one volume are told apart by the pod UID in their target paths: before, both were
+/// `pod="-"`, one label set shown twice, which Prometheus rejects.
+#[test]
+fn metrics_without_pod_info_name_the_pod_by_uid_and_never_repeat_a_series() {
+    if !fuse_available() {
+        return;
+    }
+    let emu = emulator();
+    put_files(&emu, "np/", 1, MIB, 150);
+    let addr = free_local_addr();
+    let p = Plugin::start(&["--metrics-addr", &addr]);
+    let vol: Vec<_> = s3_volume(&emu, "np/")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("csi.storage.k8s.io/pod."))
+        .collect();
+    let (ta, tb) = (p.target("0d5f-a"), p.target("7e21-b"));
+    for t in [&ta, &tb] {
+        p.publish("vol-shared", t, &ctx(&vol, &[])).unwrap();
+        verify_stream(&t.join("f0.bin"), 150, MIB);
+    }
+    let page = http_get(&addr, "/metrics");
+    for uid in ["0d5f-a", "7e21-b"] {
+        let s = format!(
+            "fillfs_read_duration_seconds_count{{volume=\"vol-shared\",pod=\"uid:{uid}\"}}"
+        );
+        assert!(
+            sample(&page, &s).is_some_and(|n| n >= 1.0),
+            "{s} missing:\n{page}"
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let series = line.rsplit_once(' ').map_or(line, |(s, _)| s);
+        assert!(
+            seen.insert(series.to_string()),
+            "{series} shown twice:\n{page}"
+        );
+    }
+    for t in [&ta, &tb] {
+        p.unpublish("vol-shared", t).unwrap();
+    }
+}
+
 #[test]
 fn a_rotated_secret_is_used_after_republish() {
     if !fuse_available() {

@@ -171,7 +171,10 @@ impl prometheus_client::collector::Collector for DriverMetrics {
                 "load_bytes",
                 "Bytes written by Load (objects and directories), resumed files not counted",
             ),
-            ("stream_bytes", "Bytes sent by OpenStream"),
+            (
+                "stream_bytes",
+                "Bytes OpenStream handed to its response stream (a client that goes away may not have read the last frames)",
+            ),
         ];
         for (i, (name, help)) in NAMES.iter().enumerate() {
             let mut m = e.encode_descriptor(

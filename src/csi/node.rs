@@ -103,6 +103,8 @@ pub struct NodePlugin {
     budget: PrefetchBudget,
     max_prefetch_window: u64,
     slots: Mutex<HashMap<PathBuf, Slot>>,
+    /// Each volume's own cap, by volume id and rate, held by its publishes' stores.
+    volume_caps: Mutex<HashMap<(String, u64), std::sync::Weak<RateLimiter>>>,
     metrics: Arc<crate::metrics::ReadPathMetrics>,
 }
 
@@ -126,6 +128,7 @@ impl NodePlugin {
                 .min(256 * 1024 * 1024)
                 .max(opts.block_size),
             slots: Mutex::new(HashMap::new()),
+            volume_caps: Mutex::new(HashMap::new()),
             opts,
             rt,
         })
@@ -155,6 +158,23 @@ impl NodePlugin {
 
     /// Forgets `target`'s slot if it is empty and nobody else holds it (keeps the map
     /// bounded). Call after releasing the slot's lock.
+    /// The volume's own `throughput` cap: one per volume on this node, shared by every
+    /// publish of it (a PV mounted by three pods of the node pays one cap, as the
+    /// attribute says, not three), new when the volume has none alive or its rate changed.
+    fn volume_cap(&self, volume_id: &str, throughput_mib: f64) -> Vec<Arc<RateLimiter>> {
+        let mut caps = self.volume_caps.lock().unwrap_or_else(|e| e.into_inner());
+        caps.retain(|_, cap| cap.strong_count() > 0);
+        let key = (volume_id.to_string(), throughput_mib.to_bits());
+        if let Some(cap) = caps.get(&key).and_then(std::sync::Weak::upgrade) {
+            return vec![cap];
+        }
+        let fresh = RateLimiter::for_throughput(throughput_mib);
+        if let Some(cap) = fresh.first() {
+            caps.insert(key, Arc::downgrade(cap));
+        }
+        fresh
+    }
+
     fn forget_slot(&self, target: &Path, slot: Slot) {
         let mut slots = self.slots.lock().expect("slots lock");
         // The map's reference and ours: no other call is waiting on this slot, and none can
@@ -292,7 +312,7 @@ impl NodePlugin {
             }
             None => None,
         };
-        let own_limiters = RateLimiter::for_throughput(spec.throughput_mib);
+        let own_limiters = self.volume_cap(volume_id, spec.throughput_mib);
         let mut limiters = own_limiters.clone();
         limiters.extend(self.node_limiters.iter().cloned());
         let store = Store::new(&store_cfg, limiters)?;
@@ -350,7 +370,12 @@ impl NodePlugin {
         self.metrics.add(
             &target.display().to_string(),
             volume_id,
-            pod,
+            &super::volume::metrics_pod(
+                spec.pod.as_deref(),
+                target
+                    .strip_prefix(&self.opts.kubelet_dir)
+                    .unwrap_or(target),
+            ),
             fs.store().clone(),
             own_limiters.into_iter().map(|l| ("volume", l)).collect(),
             fs.read_latency().clone(),

@@ -216,6 +216,21 @@ pub fn parse(
     })
 }
 
+/// The `pod` label of a volume's metrics: `namespace/name` from kubelet's pod info, or,
+/// without it (a CSIDriver without `podInfoOnMount`), `uid:` and the pod's UID from the
+/// target path relative to the kubelet dir (`pods/<uid>/volumes/…`), so two pods' mounts
+/// of one volume are two series, never one label set twice; the path itself otherwise.
+pub fn metrics_pod(pod: Option<&str>, target_in_kubelet_dir: &std::path::Path) -> String {
+    if let Some(pod) = pod {
+        return pod.to_string();
+    }
+    let mut parts = target_in_kubelet_dir.iter().map(|p| p.to_string_lossy());
+    match (parts.next().as_deref(), parts.next()) {
+        (Some("pods"), Some(uid)) => format!("uid:{uid}"),
+        _ => target_in_kubelet_dir.display().to_string(),
+    }
+}
+
 /// `namespace/name` of the pod from kubelet's pod info (CSIDriver `podInfoOnMount`), or
 /// `-` without it. For logs.
 pub fn pod_of(context: &HashMap<String, String>) -> String {

@@ -234,10 +234,11 @@ impl Fs {
         let listing = DirListing::new();
         let batches = self.store.list_dir_batches(&dir.key);
         let (inodes, out) = (self.inodes.clone(), Arc::downgrade(&listing));
+        // Whatever ends the task (a panic, the runtime shutting down, even before its first
+        // poll) ends the listing: nobody waits for pages that will not come.
+        let ends = listing::EndsOnDrop(out.clone());
         tokio::spawn(async move {
-            // Whatever ends this task (a panic, the runtime shutting down) ends the
-            // listing: nobody waits for pages that will not come.
-            let _ends = listing::EndsOnDrop(out.clone());
+            let _ends = ends;
             let mut merge = Merge::new(&dir.key);
             let mut batches = std::pin::pin!(batches);
             loop {

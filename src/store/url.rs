@@ -121,7 +121,16 @@ impl SourceUrl {
                  the environment)",
             ));
         }
-        validate_bucket(bucket).map_err(|r| invalid(&r))?;
+        validate_bucket(bucket).map_err(|reason| {
+            if rest.contains('@') {
+                // The "bucket" may be the start of a secret that holds a `/`.
+                invalid(
+                    "the bucket name is not valid (3 to 63 lowercase letters, digits, '-', '.')",
+                )
+            } else {
+                invalid(&reason)
+            }
+        })?;
         let prefix = normalize_prefix(prefix).map_err(|r| invalid(&r))?;
         Ok(SourceUrl {
             scheme,
@@ -148,21 +157,20 @@ impl fmt::Display for SourceUrl {
     }
 }
 
-/// `input` without a `user:password@` before the bucket: where the bucket part holds an
-/// `@` or a `:` (which no bucket name has), everything up to the last `@` (or all of it)
-/// is shown as `***`. A secret may hold `/`, so the last `@` is looked for in the whole
-/// URL; an `@` in the key prefix of a URL without credentials is kept.
+/// `input` as an error may show it: everything before the last `@` (after the scheme) is
+/// `***`, since it may be a `user:password@` whose secret holds `/` (AWS secrets do) and
+/// so ends anywhere; without an `@`, a bucket part with a `:` (no bucket name has one:
+/// `id:secret/...`) hides all after the scheme. Over-redacts a key prefix with an `@` in
+/// an error message, never a secret.
 fn redact_userinfo(input: &str) -> String {
-    let Some((scheme, rest)) = input.split_once("://") else {
-        return input.to_string();
+    let (scheme, rest) = match input.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), input),
     };
-    let bucket = rest.split('/').next().unwrap_or("");
-    if !bucket.contains('@') && !bucket.contains(':') {
-        return input.to_string();
-    }
     match rest.rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => format!("{scheme}://***"),
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+        None if rest.split('/').next().unwrap_or("").contains(':') => format!("{scheme}***"),
+        None => input.to_string(),
     }
 }
 
@@ -272,12 +280,17 @@ mod tests {
                 "{bad}: secret repeated: {err}"
             );
         }
+        // A user-only secret with a `/` leaves a bucket part without `@` or `:`; an error
+        // still hides all before the last `@`.
+        let err = SourceUrl::parse("s3://wJalrXUtnFEMI/K7MDENG@bkt/p")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("wJalrXUtnFEMI") && err.contains("***@bkt/p"),
+            "{err}"
+        );
         // An `@` in a key prefix is a key, not credentials.
         let url = SourceUrl::parse("s3://bucket/team@site/data").unwrap();
         assert_eq!(url.prefix, "team@site/data/");
-        let err = SourceUrl::parse("s3://Bad/team@site/")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("s3://Bad/team@site/"), "{err}");
     }
 }
