@@ -243,14 +243,7 @@ mod tests {
     use super::*;
 
     fn file(name: &str) -> Listed {
-        Listed::File {
-            name: name.into(),
-            meta: ObjectMeta {
-                size: 1,
-                mtime: None,
-                etag: None,
-            },
-        }
+        Listed::test_file(name)
     }
 
     fn dir(name: &str) -> Listed {

@@ -132,17 +132,9 @@ pub fn plan(listing: Vec<Listed>) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ObjectMeta;
 
     fn file(name: &str) -> Listed {
-        Listed::File {
-            name: name.into(),
-            meta: ObjectMeta {
-                size: 1,
-                mtime: None,
-                etag: None,
-            },
-        }
+        Listed::test_file(name)
     }
 
     #[test]

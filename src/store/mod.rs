@@ -94,6 +94,22 @@ pub enum Listed {
     Dir { name: String },
 }
 
+#[cfg(test)]
+impl Listed {
+    /// A one-byte object named `name`, with no mtime or ETag: for tests of what a
+    /// listing becomes.
+    pub fn test_file(name: &str) -> Self {
+        Listed::File {
+            name: name.into(),
+            meta: ObjectMeta {
+                size: 1,
+                mtime: None,
+                etag: None,
+            },
+        }
+    }
+}
+
 /// Most items [`Store::list_dir_batches`] hands on at once.
 pub const LIST_BATCH: usize = 1000;
 
