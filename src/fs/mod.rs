@@ -197,7 +197,7 @@ impl Fs {
     }
 
     /// The node now named `name` in directory `parent`: the newest version any listing
-    /// showed, which may be newer than an open directory handle's snapshot.
+    /// showed, which may be newer than the listing an open directory handle reads.
     pub fn child(&self, parent: Ino, name: &str) -> Option<Arc<Node>> {
         self.inodes
             .table

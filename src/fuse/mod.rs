@@ -305,7 +305,7 @@ impl fuser::Filesystem for Adapter {
     }
 
     /// READDIR and LOOKUP in one (the connection asks for it at init): each entry comes
-    /// with its attributes, from the same listing snapshot, so `ls -l` (or any walk that
+    /// with its attributes, from the handle's listing, so `ls -l` (or any walk that
     /// stats what it lists) costs the kernel no LOOKUP per entry: measured on 20,000
     /// objects in `bench/results/readpath.md`. The kernel keeps these entries as if looked
     /// up; inodes are never forgotten here, so nothing else is needed.
