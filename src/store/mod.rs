@@ -472,21 +472,7 @@ impl Store {
         let mut lister = self.access().op.lister_with("/").recursive(true).await?;
         let mut out = Vec::new();
         while let Some(entry) = lister.try_next().await? {
-            let rel = entry.path().to_string();
-            if rel.is_empty() || rel == "/" {
-                continue;
-            }
-            let meta = entry.metadata();
-            if meta.mode() == EntryMode::DIR || rel.ends_with('/') {
-                out.push(Listed::Dir {
-                    name: rel.trim_end_matches('/').to_string(),
-                });
-            } else {
-                out.push(Listed::File {
-                    name: rel,
-                    meta: object_meta(meta),
-                });
-            }
+            out.extend(listed("", &entry));
         }
         Ok(out)
     }
